@@ -1,0 +1,1 @@
+"""Private Triton kernels and their launchers, installed as ``triton_bq.kernels``."""

@@ -1,0 +1,159 @@
+"""Module swap: ``quantize_(model, config, filter_fn)`` turns a full-precision model into a QAT model in place."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from torch import nn
+
+from triton_bq import reference
+from triton_bq.attention import dequantize_attention, is_bert_self_attention, quantize_attention
+from triton_bq.attention import QuantSelfAttentionMixin
+from triton_bq.modules import BinaryLinear, QuantEmbedding, QuantLinear, TernaryLinear
+
+__all__ = ["QuantConfig", "default_filter", "quantize_", "dequantize_"]
+
+HEAD_NAMES = ("classifier", "lm_head", "qa_outputs", "score", "cls", "head", "heads")
+
+
+@dataclasses.dataclass
+class QuantConfig:
+    """What ``quantize_`` does. Defaults follow BinaryBERT/TernaryBERT (W-E-A = 1-1-8 for ``"bwn"``).
+
+    Attributes:
+        weight_method: ``"bwn"`` (binary), ``"twn"`` (ternary), ``"lat"`` (loss-aware ternary) or ``None``.
+        granularity: weight scale per ``"tensor"`` (paper) or per ``"row"`` for Linear layers.
+        embedding_method: word-embedding quantizer (row-wise); ``"same"`` follows ``weight_method``; ``None`` keeps it.
+        act_bits: activation bits for Linear inputs and attention (8, 4, ..., or ``None`` for weight-only).
+        ste: ``"identity"`` or ``"clipped"``.
+        quantize_attention: quantize Q, K, V and the probabilities inside BERT-style self-attention.
+        quantize_pooler: quantize the pooler Linear (the paper does; the classifier head is always kept).
+        asym_act_names: Linear names (suffixes) whose input gets asymmetric min-max 8-bit quantization
+            (BERT's FFN-output input, after GELU).
+        clip_init: initial activation clip ``+-clip_init``.
+        backend: ``"auto"``, ``"triton"`` or ``"reference"``.
+    """
+
+    weight_method: str | None = "bwn"
+    granularity: str = "tensor"
+    embedding_method: str | None = "same"
+    act_bits: int | None = 8
+    ste: str = "identity"
+    quantize_attention: bool = True
+    quantize_pooler: bool = True
+    asym_act_names: tuple[str, ...] = ("output.dense",)
+    clip_init: float = 2.5
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.weight_method is not None and self.weight_method not in reference.WEIGHT_METHODS:
+            raise ValueError(f"weight_method must be one of {reference.WEIGHT_METHODS} or None, got {self.weight_method!r}")
+        if self.embedding_method not in (None, "same", *reference.WEIGHT_METHODS):
+            raise ValueError(f"embedding_method must be None, 'same' or one of {reference.WEIGHT_METHODS}, "
+                             f"got {self.embedding_method!r}")
+        if self.granularity not in reference.GRANULARITIES:
+            raise ValueError(f"granularity must be one of {reference.GRANULARITIES}, got {self.granularity!r}")
+        if self.ste not in reference.STES:
+            raise ValueError(f"ste must be one of {reference.STES}, got {self.ste!r}")
+        if self.act_bits is not None and (not isinstance(self.act_bits, int) or not 2 <= self.act_bits <= 8):
+            raise ValueError(f"act_bits must be None or an int in 2..8, got {self.act_bits!r}")
+
+    @property
+    def resolved_embedding_method(self) -> str | None:
+        return self.weight_method if self.embedding_method == "same" else self.embedding_method
+
+    def linear_options(self, name: str) -> dict:
+        """Constructor options of the ``QuantLinear`` that replaces the Linear called ``name``."""
+        act_method = None
+        if self.act_bits == 8 and any(_is_asym_site(name, suffix) for suffix in self.asym_act_names):
+            act_method = "asym"
+        return dict(
+            weight_method=self.weight_method,
+            granularity=self.granularity,
+            ste=self.ste,
+            act_bits=self.act_bits,
+            act_method=act_method,
+            clip_init=self.clip_init,
+            backend=self.backend,
+        )
+
+
+def _is_asym_site(name: str, suffix: str) -> bool:
+    return (name == suffix or name.endswith("." + suffix)) and ".attention." not in f".{name}"
+
+
+def default_filter(module: nn.Module, name: str, config: QuantConfig | None = None) -> bool:
+    """Quantize every ``nn.Linear`` except task heads (classifier, lm_head, ...) and, if configured, the pooler."""
+    if not isinstance(module, nn.Linear):
+        return False
+    parts = name.split(".")
+    if any(part in HEAD_NAMES for part in parts):
+        return False
+    if "pooler" in parts and config is not None and not config.quantize_pooler:
+        return False
+    return True
+
+
+def _linear_class(weight_method):
+    return {"bwn": BinaryLinear, "twn": TernaryLinear, "lat": TernaryLinear}.get(weight_method, QuantLinear)
+
+
+def _set_child(model: nn.Module, name: str, child: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, child)
+
+
+def quantize_(
+    model: nn.Module,
+    config: QuantConfig | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> nn.Module:
+    """Swap ``model``'s layers for quantized ones in place and return ``model``.
+
+    Linear layers selected by ``filter_fn(module, name)`` (default: ``default_filter``, every Linear but task
+    heads) become ``BinaryLinear``/``TernaryLinear``/``QuantLinear`` sharing the original Parameters; the
+    input word embedding (``model.get_input_embeddings()``) becomes a row-wise ``QuantEmbedding`` when
+    ``config.embedding_method`` is set; BERT-style self-attention gets Q/K/V/probability quantizers when
+    ``config.quantize_attention`` and ``config.act_bits`` are set. Works on any ``nn.Module`` (only the
+    embedding and attention steps are specific to Hugging Face models and are skipped where absent).
+    """
+    config = QuantConfig() if config is None else config
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if filter_fn is None:
+        filter_fn = lambda module, name: default_filter(module, name, config)  # noqa: E731
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and isinstance(module, nn.Linear) and not isinstance(module, QuantLinear) and filter_fn(module, name)
+    ]
+    for name, module in targets:
+        _set_child(model, name, _linear_class(config.weight_method).from_linear(module, **config.linear_options(name)))
+    embedding_method = config.resolved_embedding_method
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    if embedding_method is not None and callable(get_embeddings):
+        embedding = get_embeddings()
+        if type(embedding) is nn.Embedding:
+            quantized = QuantEmbedding.from_embedding(embedding, weight_method=embedding_method, ste=config.ste)
+            name = next(name for name, module in model.named_modules() if module is embedding)
+            _set_child(model, name, quantized)
+    if config.quantize_attention and config.act_bits is not None:
+        for module in model.modules():
+            if is_bert_self_attention(module) and not isinstance(module, QuantSelfAttentionMixin):
+                quantize_attention(module, config.act_bits, config.clip_init)
+    return model
+
+
+def dequantize_(model: nn.Module) -> nn.Module:
+    """Undo ``quantize_`` in place: plain ``nn.Linear``/``nn.Embedding``/attention sharing the latent Parameters."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            _set_child(model, name, module.to_linear())
+        elif isinstance(module, QuantEmbedding):
+            _set_child(model, name, module.to_embedding())
+        elif isinstance(module, QuantSelfAttentionMixin):
+            dequantize_attention(module)
+    return model

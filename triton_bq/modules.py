@@ -1,0 +1,211 @@
+"""Drop-in quantized layers: ``QuantLinear`` / ``BinaryLinear`` / ``TernaryLinear`` and ``QuantEmbedding``.
+
+The latent full-precision weight stays the ``weight`` Parameter, so a state dict of a quantized layer holds
+the same ``weight``/``bias`` keys as ``nn.Linear``/``nn.Embedding`` (plus the activation quantizer's
+parameters), and ``from_linear``/``to_linear`` share the Parameters instead of copying them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from triton_bq import functional, reference
+from triton_bq.quantizers import ActQuantizer, second_moment_of
+
+__all__ = ["QuantLinear", "BinaryLinear", "TernaryLinear", "QuantEmbedding"]
+
+
+def _check_weight_options(weight_method, granularity, ste, allow_none=True):
+    if weight_method is None and allow_none:
+        pass
+    elif weight_method not in reference.WEIGHT_METHODS:
+        raise ValueError(f"weight_method must be one of {reference.WEIGHT_METHODS} or None, got {weight_method!r}")
+    if granularity not in reference.GRANULARITIES:
+        raise ValueError(f"granularity must be one of {reference.GRANULARITIES}, got {granularity!r}")
+    if ste not in reference.STES:
+        raise ValueError(f"ste must be one of {reference.STES}, got {ste!r}")
+
+
+def _make_act_quantizer(act_bits, act_method, act_signed, clip_init):
+    if act_bits is None:
+        if act_method is not None:
+            raise ValueError(f"act_method={act_method!r} needs act_bits, got act_bits=None")
+        return None
+    if not isinstance(act_bits, int) or isinstance(act_bits, bool) or not 2 <= act_bits <= 8:
+        raise ValueError(f"act_bits must be None or an int in 2..8, got {act_bits!r}")
+    return ActQuantizer(act_bits, act_method, act_signed, clip_init)
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` whose weight (and optionally input) is fake-quantized on the fly.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+        weight_method: ``"bwn"`` (binary), ``"twn"`` (ternary), ``"lat"`` (loss-aware ternary, reads Adam's
+            second moment after ``triton_bq.attach_optimizer``) or ``None`` (full precision).
+        granularity: ``"tensor"`` (one scale per matrix, the paper's choice) or ``"row"`` (per output feature).
+        ste: ``"identity"`` (default) or ``"clipped"`` straight-through estimator.
+        act_bits: ``None`` (no activation quantization), 8 or 4 (any of 2..8).
+        act_method: ``None`` picks ``"sym"`` for 8 bits and ``"lsq"`` below; or ``"sym"``/``"asym"``/``"lsq"``.
+        act_signed: LSQ only; ``False`` for non-negative inputs.
+        clip_init: initial activation clip ``[-clip_init, clip_init]`` for ``sym``/``asym``.
+        backend: ``"auto"`` (fused Triton kernels for CUDA tensors, reference otherwise), ``"triton"``,
+            ``"reference"``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        weight_method: str | None = "bwn",
+        granularity: str = "tensor",
+        ste: str = "identity",
+        act_bits: int | None = None,
+        act_method: str | None = None,
+        act_signed: bool = True,
+        clip_init: float = 2.5,
+        backend: str = "auto",
+    ):
+        _check_weight_options(weight_method, granularity, ste)
+        if backend not in functional.BACKENDS:
+            raise ValueError(f"backend must be one of {functional.BACKENDS}, got {backend!r}")
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.weight_method, self.granularity, self.ste, self.backend = weight_method, granularity, ste, backend
+        self.act_quantizer = _make_act_quantizer(act_bits, act_method, act_signed, clip_init)
+        if self.act_quantizer is not None and device is not None and torch.device(device).type != "meta":
+            self.act_quantizer.to(device)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **options) -> QuantLinear:
+        """Wrap an ``nn.Linear``, sharing its ``weight``/``bias`` Parameters (no copy)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta", **options)
+        module.weight = linear.weight
+        module.bias = linear.bias
+        if module.act_quantizer is not None:
+            module.act_quantizer.to(linear.weight.device)
+        module.train(linear.training)
+        return module
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` sharing this layer's latent ``weight``/``bias`` Parameters."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = self.weight
+        linear.bias = self.bias
+        linear.train(self.training)
+        return linear
+
+    def weight_scale_threshold(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(alpha, delta)`` as used in the forward pass (LAT reads the attached optimizer's state)."""
+        if self.weight_method is None:
+            return None, None
+        return reference.weight_scale_threshold(
+            self.weight, self.weight_method, self.granularity, second_moment_of(self) if self.weight_method == "lat" else None
+        )
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized weight ``alpha * codes`` (a materialized copy; for inspection and export)."""
+        if self.weight_method is None:
+            return self.weight.detach().clone()
+        scale, threshold = self.weight_scale_threshold()
+        with torch.no_grad():
+            return (scale * reference.weight_codes(self.weight, threshold).float()).to(self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        options = {} if self.act_quantizer is None else self.act_quantizer.linear_kwargs(x)
+        if self.weight_method == "lat":
+            scale, threshold = self.weight_scale_threshold()
+            options.update(weight_scale=scale, weight_threshold=threshold)
+        return functional.quant_linear(
+            x,
+            self.weight,
+            self.bias,
+            weight_method=self.weight_method,
+            granularity=self.granularity,
+            ste=self.ste,
+            backend=self.backend,
+            **options,
+        )
+
+    def extra_repr(self) -> str:
+        act = "None" if self.act_quantizer is None else f"{self.act_quantizer.bits}"
+        return (
+            f"{super().extra_repr()}, weight_method={self.weight_method!r}, granularity={self.granularity!r}, "
+            f"ste={self.ste!r}, act_bits={act}, backend={self.backend!r}"
+        )
+
+
+class BinaryLinear(QuantLinear):
+    """``QuantLinear`` with BWN binary weights ``mean|W| * sign(W)`` (sign(0) = +1). See ``QuantLinear``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, **options):
+        if options.setdefault("weight_method", "bwn") != "bwn":
+            raise ValueError(f"BinaryLinear needs weight_method='bwn', got {options['weight_method']!r}")
+        super().__init__(in_features, out_features, bias, device, dtype, **options)
+
+
+class TernaryLinear(QuantLinear):
+    """``QuantLinear`` with ternary weights: TWN (default) or loss-aware LAT (``weight_method="lat"``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, **options):
+        if options.setdefault("weight_method", "twn") not in ("twn", "lat"):
+            raise ValueError(f"TernaryLinear needs weight_method 'twn' or 'lat', got {options['weight_method']!r}")
+        super().__init__(in_features, out_features, bias, device, dtype, **options)
+
+
+class QuantEmbedding(nn.Embedding):
+    """``nn.Embedding`` with row-wise binary (``"bwn"``) or ternary (``"twn"``/``"lat"``) weights.
+
+    Only the looked-up rows are quantized (each row has its own scale), and the latent table stays the
+    ``weight`` Parameter. ``max_norm`` and sparse gradients are not supported.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        device=None,
+        dtype=None,
+        *,
+        weight_method: str | None = "bwn",
+        ste: str = "identity",
+    ):
+        _check_weight_options(weight_method, "row", ste)
+        super().__init__(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype)
+        self.weight_method, self.ste = weight_method, ste
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, **options) -> QuantEmbedding:
+        """Wrap an ``nn.Embedding``, sharing its ``weight`` Parameter (no copy)."""
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
+        if embedding.max_norm is not None or embedding.sparse:
+            raise ValueError("QuantEmbedding does not support max_norm or sparse embeddings")
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, device="meta", **options)
+        module.weight = embedding.weight
+        module.train(embedding.training)
+        return module
+
+    def to_embedding(self) -> nn.Embedding:
+        """A plain ``nn.Embedding`` sharing this layer's latent ``weight``."""
+        embedding = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, device="meta")
+        embedding.weight = self.weight
+        embedding.train(self.training)
+        return embedding
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        moment = second_moment_of(self) if self.weight_method == "lat" else None
+        return functional.quant_embedding(
+            input_ids, self.weight, weight_method=self.weight_method, ste=self.ste, second_moment=moment,
+            padding_idx=self.padding_idx,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight_method={self.weight_method!r}, ste={self.ste!r}"

@@ -1,0 +1,121 @@
+"""Quantizer modules: learnable activation quantizers and the optimizer link for loss-aware ternarization."""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+from torch import nn
+
+from triton_bq import reference
+
+__all__ = ["ActQuantizer", "default_act_method", "attach_optimizer", "second_moment_of"]
+
+
+def default_act_method(bits: int) -> str:
+    """BinaryBERT/TernaryBERT defaults: 8-bit symmetric uniform with a learnable clip, 4-bit (or less) LSQ."""
+    return "sym" if bits == 8 else "lsq"
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor activation fake-quantizer with learnable parameters.
+
+    ``method="sym"``/``"asym"`` hold a learnable clip pair ``clip = [lo, hi]`` (init ``[-clip_init, clip_init]``,
+    PACT-style gradient); ``method="lsq"`` holds a learnable ``step`` initialised from the first batch it sees
+    (``2 * mean|x| / sqrt(qmax)``, averaged over processes under ``torch.distributed``).
+    Call it on a tensor to fake-quantize it, or pass ``linear_kwargs(x)`` to ``quant_linear`` to fuse it.
+    """
+
+    def __init__(self, bits: int = 8, method: str | None = None, signed: bool = True, clip_init: float = 2.5):
+        super().__init__()
+        method = default_act_method(bits) if method is None else method
+        reference.act_qrange(method, bits, signed)
+        if method != "lsq" and not clip_init > 0:
+            raise ValueError(f"clip_init must be > 0, got {clip_init!r}")
+        self.bits, self.method, self.signed = bits, method, bool(signed)
+        if method == "lsq":
+            self.step = nn.Parameter(torch.ones(()))
+            self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+            self._initialized_seen = False
+        else:
+            self.clip = nn.Parameter(torch.tensor([-float(clip_init), float(clip_init)]))
+
+    def _maybe_init_step(self, x: torch.Tensor) -> None:
+        if self.method != "lsq" or self._initialized_seen:
+            return
+        if not bool(self.initialized):
+            step = reference.lsq_init_step(x, self.bits, self.signed).to(self.step.device)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(step)
+                step /= torch.distributed.get_world_size()
+            with torch.no_grad():
+                self.step.copy_(step)
+                self.initialized.fill_(True)
+        self._initialized_seen = True
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if self.method == "lsq":
+            self._initialized_seen = False
+
+    def linear_kwargs(self, x: torch.Tensor) -> dict:
+        """Keyword arguments of ``triton_bq.functional.quant_linear`` for this quantizer."""
+        self._maybe_init_step(x)
+        return dict(
+            act_method=self.method,
+            act_bits=self.bits,
+            act_clip=getattr(self, "clip", None),
+            act_step=getattr(self, "step", None),
+            act_signed=self.signed,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kwargs = self.linear_kwargs(x)
+        return reference.quantize_act(
+            x, self.method, self.bits, clip=kwargs["act_clip"], step=kwargs["act_step"], signed=self.signed
+        )
+
+    def extra_repr(self) -> str:
+        signed = "" if self.method != "lsq" else f", signed={self.signed}"
+        return f"bits={self.bits}, method={self.method!r}{signed}"
+
+
+_NO_OPTIMIZER_WARNED = False
+
+
+def attach_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Let every loss-aware (``weight_method="lat"``) module read Adam's ``exp_avg_sq`` of its weight.
+
+    Returns how many modules were linked. Keeps a weak reference: the optimizer is not saved with the model.
+    """
+    if not hasattr(optimizer, "state"):
+        raise TypeError(f"optimizer must be a torch optimizer with a .state, got {type(optimizer).__name__}")
+    linked = 0
+    for module in model.modules():
+        if getattr(module, "weight_method", None) == "lat":
+            module._lat_optimizer = weakref.ref(optimizer)
+            linked += 1
+    return linked
+
+
+def second_moment_of(module: nn.Module) -> torch.Tensor | None:
+    """Adam's ``exp_avg_sq`` of ``module.weight`` if an optimizer is attached and has stepped, else ``None``.
+
+    Without an attached optimizer the loss-aware quantizer falls back to ``D = 1`` (plain TWN-initialised
+    alternation) and warns once.
+    """
+    global _NO_OPTIMIZER_WARNED
+    link = getattr(module, "_lat_optimizer", None)
+    optimizer = link() if link is not None else None
+    if optimizer is None:
+        if not _NO_OPTIMIZER_WARNED and module.training:
+            warnings.warn(
+                "weight_method='lat' without an optimizer: using D = 1. Call "
+                "triton_bq.attach_optimizer(model, optimizer) to use Adam's second moment.",
+                stacklevel=3,
+            )
+            _NO_OPTIMIZER_WARNED = True
+        return None
+    state = optimizer.state.get(module.weight, {})
+    return state.get("exp_avg_sq")

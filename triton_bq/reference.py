@@ -1,0 +1,369 @@
+"""Pure-PyTorch reference quantizers: the single source of truth for the Triton kernels.
+
+Every formula here is written out in ``docs/design.md``. The Triton kernels in ``triton_bq.kernels``
+implement the same arithmetic (same rounding, same sign(0), same clamps) and a parity test pins each
+pair. These functions are differentiable: gradients follow the straight-through estimators of the
+BinaryBERT / TernaryBERT reference code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "WEIGHT_METHODS",
+    "ACT_METHODS",
+    "GRANULARITIES",
+    "STES",
+    "mean_abs",
+    "bwn_codes",
+    "bwn_scale",
+    "twn_threshold",
+    "twn_codes",
+    "twn_scale",
+    "lat_scale_threshold",
+    "weight_scale_threshold",
+    "weight_codes",
+    "quantize_weight",
+    "act_qrange",
+    "act_params",
+    "fake_quant_affine",
+    "quantize_act",
+    "lsq_init_step",
+    "quant_linear",
+]
+
+WEIGHT_METHODS = ("bwn", "twn", "lat")
+ACT_METHODS = ("sym", "asym", "lsq")
+GRANULARITIES = ("tensor", "row")
+STES = ("identity", "clipped")
+
+TWN_THRESHOLD_FACTOR = 0.7
+LAT_EPS = 1e-8
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_bits(bits) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+        raise ValueError(f"act_bits must be an int in 2..8, got {bits!r}")
+
+
+def _reduce_dims(weight: torch.Tensor, granularity: str):
+    _check_choice("granularity", granularity, GRANULARITIES)
+    if granularity == "row":
+        if weight.dim() != 2:
+            raise ValueError(f"granularity='row' needs a 2-D weight, got shape {tuple(weight.shape)}")
+        return dict(dim=1, keepdim=True)
+    return dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------
+
+
+def mean_abs(weight: torch.Tensor, granularity: str = "tensor") -> torch.Tensor:
+    """``mean(|w|)`` in float32: a scalar for ``"tensor"``, shape ``[N, 1]`` for ``"row"``."""
+    return weight.detach().float().abs().mean(**_reduce_dims(weight, granularity))
+
+
+def bwn_codes(weight: torch.Tensor) -> torch.Tensor:
+    """Binary codes ``+1 if w >= 0 else -1`` (sign(0) = +1), in the weight's dtype."""
+    one = torch.ones((), dtype=weight.dtype, device=weight.device)
+    return torch.where(weight >= 0, one, -one)
+
+
+def bwn_scale(weight: torch.Tensor, granularity: str = "tensor") -> torch.Tensor:
+    """BWN scale ``alpha = mean(|w|)`` (float32)."""
+    return mean_abs(weight, granularity)
+
+
+def twn_threshold(weight: torch.Tensor, granularity: str = "tensor") -> torch.Tensor:
+    """TWN threshold ``delta = 0.7 * mean(|w|)`` (float32)."""
+    return TWN_THRESHOLD_FACTOR * mean_abs(weight, granularity)
+
+
+def twn_codes(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Ternary codes ``1[w > delta] - 1[w < -delta]`` in the weight's dtype (comparison in float32)."""
+    w = weight.detach().float()
+    return ((w > threshold).to(weight.dtype) - (w < -threshold).to(weight.dtype)).to(weight.dtype)
+
+
+def twn_scale(weight: torch.Tensor, threshold: torch.Tensor, granularity: str = "tensor") -> torch.Tensor:
+    """TWN scale: mean of ``|w|`` over ``|w| > delta`` (float32); 0 where no element passes."""
+    dims = _reduce_dims(weight, granularity)
+    magnitude = weight.detach().float().abs()
+    mask = magnitude > threshold
+    total = torch.where(mask, magnitude, torch.zeros_like(magnitude)).sum(**dims)
+    count = mask.sum(**dims).to(torch.float32)
+    return torch.where(count > 0, total / count.clamp_min(1.0), torch.zeros_like(total))
+
+
+def lat_scale_threshold(
+    weight: torch.Tensor,
+    second_moment: torch.Tensor | None,
+    granularity: str = "tensor",
+    iterations: int = 3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss-aware ternarization (TernaryBERT): returns ``(alpha, delta)`` with ``delta = alpha / 2``.
+
+    ``D = sqrt(v) + 1e-8`` where ``v`` is Adam's ``exp_avg_sq`` of this weight (``None`` means ``D = 1``).
+    Starting from the TWN codes, alternate ``alpha = ||c * D * w||_1 / ||c * D||_1`` and
+    ``c = ternary(w, alpha / 2)`` for ``iterations`` rounds.
+    """
+    if not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+    dims = _reduce_dims(weight, granularity)
+    w = weight.detach().float()
+    if second_moment is None:
+        d = torch.ones_like(w)
+    else:
+        if second_moment.shape != weight.shape:
+            raise ValueError(
+                f"second_moment shape {tuple(second_moment.shape)} does not match weight shape {tuple(weight.shape)}"
+            )
+        d = second_moment.detach().float().sqrt() + LAT_EPS
+    codes = twn_codes(w, twn_threshold(w, granularity))
+    alpha = twn_scale(w, twn_threshold(w, granularity), granularity)
+    for _ in range(iterations):
+        numerator = (codes * d * w).abs().sum(**dims)
+        denominator = (codes * d).abs().sum(**dims)
+        alpha = torch.where(denominator > 0, numerator / denominator.clamp_min(1e-30), torch.zeros_like(numerator))
+        codes = twn_codes(w, alpha / 2)
+    return alpha, alpha / 2
+
+
+def weight_scale_threshold(
+    weight: torch.Tensor,
+    method: str,
+    granularity: str = "tensor",
+    second_moment: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(alpha, delta)`` for ``method`` in ``bwn`` (delta is ``None``), ``twn`` or ``lat``."""
+    _check_choice("weight_method", method, WEIGHT_METHODS)
+    if method == "bwn":
+        return bwn_scale(weight, granularity), None
+    if method == "twn":
+        delta = twn_threshold(weight, granularity)
+        return twn_scale(weight, delta, granularity), delta
+    return lat_scale_threshold(weight, second_moment, granularity)
+
+
+def weight_codes(weight: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
+    """Codes in {-1, +1} (``threshold is None``: BWN) or {-1, 0, +1} (TWN/LAT threshold given)."""
+    return bwn_codes(weight) if threshold is None else twn_codes(weight, threshold)
+
+
+class _WeightQuantSTE(torch.autograd.Function):
+    """``w_q = alpha * codes(w)``; backward is the straight-through estimator (identity or |w| <= 1)."""
+
+    @staticmethod
+    def forward(ctx, weight, scale, threshold, clipped):
+        codes = weight_codes(weight, threshold)
+        ctx.clipped = clipped
+        if clipped:
+            ctx.save_for_backward(weight)
+        return (scale * codes.float()).to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_weight = grad_output
+        if ctx.clipped:
+            (weight,) = ctx.saved_tensors
+            grad_weight = grad_output * (weight.abs() <= 1).to(grad_output.dtype)
+        return grad_weight, None, None, None
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    method: str = "bwn",
+    granularity: str = "tensor",
+    ste: str = "identity",
+    scale: torch.Tensor | None = None,
+    threshold: torch.Tensor | None = None,
+    second_moment: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fake-quantize a latent weight: ``alpha * codes(w)`` with a straight-through gradient.
+
+    ``scale``/``threshold`` override the computed ``alpha``/``delta`` (both or neither for twn/lat).
+    """
+    _check_choice("weight_method", method, WEIGHT_METHODS)
+    _check_choice("ste", ste, STES)
+    if (scale is None) != (threshold is None) and method != "bwn":
+        raise ValueError("scale and threshold must be given together for twn/lat")
+    if scale is None:
+        scale, threshold = weight_scale_threshold(weight, method, granularity, second_moment)
+    elif method == "bwn":
+        threshold = None
+    return _WeightQuantSTE.apply(weight, scale, threshold, ste == "clipped")
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------------------------
+
+
+def act_qrange(method: str, bits: int, signed: bool = True) -> tuple[int, int]:
+    """Integer range ``(qmin, qmax)`` of an activation quantizer."""
+    _check_choice("act_method", method, ACT_METHODS)
+    _check_bits(bits)
+    if method == "sym":
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    if method == "asym" or not signed:
+        return 0, 2**bits - 1
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def act_params(
+    x: torch.Tensor,
+    method: str,
+    bits: int,
+    clip: torch.Tensor | None = None,
+    step: torch.Tensor | None = None,
+    signed: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """Per-tensor scalars ``(lo, hi, zero, step, qmin, qmax)`` of the affine fake-quant (float32, detached)."""
+    qmin, qmax = act_qrange(method, bits, signed)
+    if method == "lsq":
+        if step is None:
+            raise ValueError("act_method='lsq' needs act_step (the learned step size)")
+        s = step.detach().float().reshape(())
+        inf = torch.full((), math.inf, device=x.device)
+        return -inf, inf, torch.zeros((), device=x.device), s, qmin, qmax
+    if clip is None or clip.numel() != 2:
+        raise ValueError(f"act_method={method!r} needs act_clip of 2 elements (lo, hi), got {clip!r}")
+    lo, hi = clip.detach().float().reshape(2).unbind()
+    clamped = torch.minimum(torch.maximum(x.detach().float(), lo), hi)
+    if method == "sym":
+        return lo, hi, torch.zeros((), device=x.device), clamped.abs().amax() / qmax, qmin, qmax
+    low, high = clamped.amin(), clamped.amax()
+    return lo, hi, low, (high - low) / qmax, qmin, qmax
+
+
+def fake_quant_affine(x, lo, hi, zero, step, qmin: int, qmax: int) -> torch.Tensor:
+    """``clamp(round((clamp(x, lo, hi) - zero) / safe_step), qmin, qmax) * step + zero`` in float32.
+
+    No autograd rules here: see ``quantize_act`` for the straight-through backward.
+    """
+    xc = torch.minimum(torch.maximum(x.float(), lo), hi)
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    q = torch.clamp(torch.round((xc - zero) / safe), qmin, qmax)
+    return q * step + zero
+
+
+class _ActQuantClip(torch.autograd.Function):
+    """Uniform fake-quant with a learnable clip pair; PACT gradient for the clip."""
+
+    @staticmethod
+    def forward(ctx, x, clip, method, bits):
+        lo, hi, zero, step, qmin, qmax = act_params(x, method, bits, clip=clip)
+        ctx.save_for_backward(x, clip)
+        return fake_quant_affine(x, lo, hi, zero, step, qmin, qmax).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, clip = ctx.saved_tensors
+        lo, hi = clip.detach().float().reshape(2).unbind()
+        xf = x.float()
+        below, above = xf <= lo, xf >= hi
+        grad_x = grad_output * (~below & ~above).to(grad_output.dtype)
+        grad_clip = None
+        if ctx.needs_input_grad[1]:
+            g = grad_output.float()
+            grad_clip = torch.stack([g[below].sum(), g[above].sum()]).to(clip.dtype).reshape(clip.shape)
+        return grad_x, grad_clip, None, None
+
+
+class _ActQuantLSQ(torch.autograd.Function):
+    """LSQ fake-quant (Esser et al.): learned step with gradient scale ``1 / sqrt(numel * qmax)``."""
+
+    @staticmethod
+    def forward(ctx, x, step, bits, signed):
+        lo, hi, zero, s, qmin, qmax = act_params(x, "lsq", bits, step=step, signed=signed)
+        ctx.save_for_backward(x, step)
+        ctx.qrange = (qmin, qmax)
+        return fake_quant_affine(x, lo, hi, zero, s, qmin, qmax).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, step = ctx.saved_tensors
+        qmin, qmax = ctx.qrange
+        v = x.float() / step.detach().float().reshape(())
+        below, above = v <= qmin, v >= qmax
+        grad_x = grad_output * (~below & ~above).to(grad_output.dtype)
+        grad_step = None
+        if ctx.needs_input_grad[1]:
+            local = torch.where(below, float(qmin), torch.where(above, float(qmax), torch.round(v) - v))
+            scale = 1.0 / math.sqrt(x.numel() * qmax)
+            grad_step = ((grad_output.float() * local).sum() * scale).to(step.dtype).reshape(step.shape)
+        return grad_x, grad_step, None, None
+
+
+def quantize_act(
+    x: torch.Tensor,
+    method: str,
+    bits: int = 8,
+    clip: torch.Tensor | None = None,
+    step: torch.Tensor | None = None,
+    signed: bool = True,
+) -> torch.Tensor:
+    """Per-tensor activation fake-quant with straight-through gradients (see docs/design.md).
+
+    ``method``: ``"sym"`` (max-abs after clipping to the learnable ``clip = [lo, hi]``), ``"asym"`` (min-max
+    after clipping) or ``"lsq"`` (learned ``step``; ``signed=False`` for non-negative inputs).
+    """
+    _check_choice("act_method", method, ACT_METHODS)
+    _check_bits(bits)
+    if method == "lsq":
+        if step is None:
+            raise ValueError("act_method='lsq' needs act_step (the learned step size)")
+        return _ActQuantLSQ.apply(x, step, bits, bool(signed))
+    if clip is None or clip.numel() != 2:
+        raise ValueError(f"act_method={method!r} needs act_clip of 2 elements (lo, hi), got {clip!r}")
+    return _ActQuantClip.apply(x, clip, method, bits)
+
+
+def lsq_init_step(x: torch.Tensor, bits: int, signed: bool = True) -> torch.Tensor:
+    """LSQ step initialisation ``2 * mean(|x|) / sqrt(qmax)`` (float32 scalar)."""
+    _, qmax = act_qrange("lsq", bits, signed)
+    return 2 * x.detach().float().abs().mean() / math.sqrt(qmax)
+
+
+# ---------------------------------------------------------------------------------------------
+# The linear op
+# ---------------------------------------------------------------------------------------------
+
+
+def quant_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    weight_method: str | None = "bwn",
+    granularity: str = "tensor",
+    ste: str = "identity",
+    weight_scale: torch.Tensor | None = None,
+    weight_threshold: torch.Tensor | None = None,
+    act_method: str | None = None,
+    act_bits: int = 8,
+    act_clip: torch.Tensor | None = None,
+    act_step: torch.Tensor | None = None,
+    act_signed: bool = True,
+) -> torch.Tensor:
+    """Reference ``F.linear(Q_act(x), Q_w(weight), bias)``: materializes both fake-quantized operands."""
+    if act_method is not None:
+        x = quantize_act(x, act_method, act_bits, clip=act_clip, step=act_step, signed=act_signed)
+    if weight_method is not None:
+        if weight_method == "lat" and weight_scale is None:
+            raise ValueError("weight_method='lat' needs weight_scale and weight_threshold (see LATQuantizer)")
+        weight = quantize_weight(
+            weight, weight_method, granularity, ste, scale=weight_scale, threshold=weight_threshold
+        )
+    return F.linear(x, weight, bias)
