@@ -8,8 +8,12 @@ from collections.abc import Callable
 from torch import nn
 
 from triton_bq import reference
-from triton_bq.attention import dequantize_attention, is_bert_self_attention, quantize_attention
-from triton_bq.attention import QuantSelfAttentionMixin
+from triton_bq.attention import (
+    QuantSelfAttentionMixin,
+    dequantize_attention,
+    is_bert_self_attention,
+    quantize_attention,
+)
 from triton_bq.modules import BinaryLinear, QuantEmbedding, QuantLinear, TernaryLinear
 
 __all__ = ["QuantConfig", "default_filter", "quantize_", "dequantize_"]
@@ -48,7 +52,9 @@ class QuantConfig:
 
     def __post_init__(self):
         if self.weight_method is not None and self.weight_method not in reference.WEIGHT_METHODS:
-            raise ValueError(f"weight_method must be one of {reference.WEIGHT_METHODS} or None, got {self.weight_method!r}")
+            raise ValueError(
+                f"weight_method must be one of {reference.WEIGHT_METHODS} or None, got {self.weight_method!r}"
+            )
         if self.embedding_method not in (None, "same", *reference.WEIGHT_METHODS):
             raise ValueError(f"embedding_method must be None, 'same' or one of {reference.WEIGHT_METHODS}, "
                              f"got {self.embedding_method!r}")

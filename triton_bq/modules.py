@@ -105,9 +105,8 @@ class QuantLinear(nn.Linear):
         """``(alpha, delta)`` as used in the forward pass (LAT reads the attached optimizer's state)."""
         if self.weight_method is None:
             return None, None
-        return reference.weight_scale_threshold(
-            self.weight, self.weight_method, self.granularity, second_moment_of(self) if self.weight_method == "lat" else None
-        )
+        moment = second_moment_of(self) if self.weight_method == "lat" else None
+        return reference.weight_scale_threshold(self.weight, self.weight_method, self.granularity, moment)
 
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight ``alpha * codes`` (a materialized copy; for inspection and export)."""

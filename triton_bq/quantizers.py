@@ -81,9 +81,6 @@ class ActQuantizer(nn.Module):
         return f"bits={self.bits}, method={self.method!r}{signed}"
 
 
-_NO_OPTIMIZER_WARNED = False
-
-
 def attach_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Let every loss-aware (``weight_method="lat"``) module read Adam's ``exp_avg_sq`` of its weight.
 
@@ -103,19 +100,18 @@ def second_moment_of(module: nn.Module) -> torch.Tensor | None:
     """Adam's ``exp_avg_sq`` of ``module.weight`` if an optimizer is attached and has stepped, else ``None``.
 
     Without an attached optimizer the loss-aware quantizer falls back to ``D = 1`` (plain TWN-initialised
-    alternation) and warns once.
+    alternation) and warns once per module while training.
     """
-    global _NO_OPTIMIZER_WARNED
     link = getattr(module, "_lat_optimizer", None)
     optimizer = link() if link is not None else None
     if optimizer is None:
-        if not _NO_OPTIMIZER_WARNED and module.training:
+        if module.training and not getattr(module, "_lat_warned", False):
             warnings.warn(
                 "weight_method='lat' without an optimizer: using D = 1. Call "
                 "triton_bq.attach_optimizer(model, optimizer) to use Adam's second moment.",
                 stacklevel=3,
             )
-            _NO_OPTIMIZER_WARNED = True
+            module._lat_warned = True
         return None
     state = optimizer.state.get(module.weight, {})
     return state.get("exp_avg_sq")
