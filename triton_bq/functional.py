@@ -12,14 +12,18 @@ from triton_bq import reference
 __all__ = ["BACKENDS", "resolve_backend", "quant_linear", "quant_embedding"]
 
 BACKENDS = ("auto", "triton", "reference")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
-    """``"auto"`` -> ``"triton"`` for CUDA tensors or under ``TRITON_INTERPRET=1``, else ``"reference"``."""
+    """``"auto"`` -> ``"triton"`` for fp32/bf16/fp16 CUDA tensors or under ``TRITON_INTERPRET=1``, else
+    ``"reference"`` (e.g. float64 inputs, used for gradient checks, always take the reference)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
+    if tensor.dtype not in KERNEL_DTYPES:
+        return "reference"
     if tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         return "triton"
     return "reference"

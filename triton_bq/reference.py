@@ -92,15 +92,15 @@ def twn_threshold(weight: torch.Tensor, granularity: str = "tensor") -> torch.Te
 
 def twn_codes(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """Ternary codes ``1[w > delta] - 1[w < -delta]`` in the weight's dtype (comparison in float32)."""
-    w = weight.detach().float()
-    return ((w > threshold).to(weight.dtype) - (w < -threshold).to(weight.dtype)).to(weight.dtype)
+    w, delta = weight.detach().float(), threshold.float()
+    return ((w > delta).to(weight.dtype) - (w < -delta).to(weight.dtype)).to(weight.dtype)
 
 
 def twn_scale(weight: torch.Tensor, threshold: torch.Tensor, granularity: str = "tensor") -> torch.Tensor:
     """TWN scale: mean of ``|w|`` over ``|w| > delta`` (float32); 0 where no element passes."""
     dims = _reduce_dims(weight, granularity)
     magnitude = weight.detach().float().abs()
-    mask = magnitude > threshold
+    mask = magnitude > threshold.float()
     total = torch.where(mask, magnitude, torch.zeros_like(magnitude)).sum(**dims)
     count = mask.sum(**dims).to(torch.float32)
     return torch.where(count > 0, total / count.clamp_min(1.0), torch.zeros_like(total))
