@@ -1,0 +1,608 @@
+"""Fused quantized linear: binary / ternary weights and fake-quantized activations inside the GEMMs.
+
+Forward ``y = x_hat @ w_q^T + bias`` and the straight-through backward run as three Triton GEMMs that load
+the latent weight and the raw activation and quantize each tile in registers, so ``w_q`` and ``x_hat`` never
+exist in memory. The dots multiply exact integer codes (weight codes in {-1, 0, +1}, activation codes ``q`` in
+``[qmin, qmax]``, exact in bf16 / fp16 / tf32); ``alpha``, ``step`` and ``zero`` are applied in the epilogues.
+
+Each GEMM is computed transposed where that puts the operand quantized in registers on the left of ``tl.dot``:
+on Hopper the left wgmma operand is read from registers, so the MMA runs asynchronously while the next tiles load.
+The arithmetic contract is ``docs/design.md``; tiling, byte and FLOP counts are in ``docs/kernels.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_bq import reference
+
+from . import _common, scales
+from ._common import INTERPRET, check_kernel_tensor, dot, new_output, round_half_even, to_dtype
+
+__all__ = ["ACT_PATHS", "fused_quant_linear"]
+
+_WEIGHT_CODES = {None: 0, "bwn": 1, "twn": 2, "lat": 2}
+_NONE, _SYM, _ASYM, _LSQ = (scales.ACT_CODES[name] for name in (None, "sym", "asym", "lsq"))
+
+# TRITON_BQ_AUTOTUNE=0 runs the first config of each list without benchmarking (fast compiles for GPU tests).
+_AUTOTUNE = os.environ.get("TRITON_BQ_AUTOTUNE", "1") != "0"
+
+# How the activation codes reach the forward and grad_w GEMMs (see docs/kernels.md):
+# "fused": quantized in registers from x inside the GEMM main loops (no extra memory);
+# "codes": one elementwise pass writes the integer codes q in the dot dtype to a transient buffer (freed after
+# the GEMM, never saved for backward) and the GEMM streams them like a plain operand.
+ACT_PATHS = ("fused", "codes")
+_ACT_PATH = os.environ.get("TRITON_BQ_ACT_PATH", "fused")
+if _ACT_PATH not in ACT_PATHS:
+    raise ValueError(f"TRITON_BQ_ACT_PATH must be one of {ACT_PATHS}, got {_ACT_PATH!r}")
+
+
+def _config(block_m, block_n, block_k, warps, stages, group=8):
+    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP": group}
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
+
+
+# Tile sizes are named by problem dimension (x [M, K], w [N, K], y [M, N]) in all three kernels; the first
+# config of each list is the default when autotuning is off. The interpreter gets one small config, with which
+# K=96 and N=33 still exercise the tail masks. float32 operands (IEEE or TF32) get smaller tiles to fit in smem.
+if INTERPRET:
+    _FWD_CONFIGS = _BWD_X_CONFIGS = _BWD_W_CONFIGS = [_config(32, 32, 64, 4, 1, group=2)]
+    _FWD_CONFIGS_FP32 = _BWD_X_CONFIGS_FP32 = _BWD_W_CONFIGS_FP32 = _FWD_CONFIGS
+else:
+    _FWD_CONFIGS = [  # y^T tile [BLOCK_N, BLOCK_M] = codes [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, BLOCK_M]
+        _config(128, 128, 64, 8, 3),
+        _config(64, 128, 64, 4, 4),
+        _config(128, 128, 128, 8, 3),
+        _config(256, 128, 64, 8, 3),
+    ]
+    _BWD_X_CONFIGS = [  # grad_x^T tile [BLOCK_K, BLOCK_M] = codes^T [BLOCK_K, BLOCK_N] @ grad_y^T [BLOCK_N, BLOCK_M]
+        _config(128, 64, 128, 8, 3),
+        _config(64, 64, 128, 4, 4),
+        _config(128, 64, 64, 4, 4),
+        _config(256, 64, 128, 8, 3),
+    ]
+    _BWD_W_CONFIGS = [  # grad_w^T tile [BLOCK_K, BLOCK_N] = q^T [BLOCK_K, BLOCK_M] @ grad_y [BLOCK_M, BLOCK_N]
+        _config(64, 128, 128, 8, 3),
+        _config(64, 64, 128, 4, 4),
+        _config(64, 256, 128, 8, 3),
+        _config(64, 128, 64, 4, 4),
+    ]
+    _FWD_CONFIGS_FP32 = [_config(64, 64, 32, 4, 3), _config(128, 64, 32, 4, 3)]
+    _BWD_X_CONFIGS_FP32 = [_config(64, 32, 64, 4, 3), _config(128, 32, 64, 4, 3)]
+    _BWD_W_CONFIGS_FP32 = [_config(32, 64, 64, 4, 3), _config(32, 128, 64, 4, 3)]
+
+# grad_x writes clip / LSQ-step partial sums per SLOT_M x SLOT_K block of x: a grid that every config tiles
+# exactly, so the buffer is fully rewritten by whichever config runs (autotune benchmarking included).
+_SLOT_M = min(config.kwargs["BLOCK_M"] for config in _BWD_X_CONFIGS + _BWD_X_CONFIGS_FP32)
+_SLOT_K = min(config.kwargs["BLOCK_K"] for config in _BWD_X_CONFIGS + _BWD_X_CONFIGS_FP32)
+_CODES_BLOCK_M, _CODES_BLOCK_K = (16, 64) if INTERPRET else (32, 128)
+
+
+@triton.jit
+def _grouped_tile(pid, num_pid_rows, num_pid_cols, GROUP: tl.constexpr):
+    """Map a linear program id to (row tile, col tile), GROUP row tiles per column sweep to reuse tiles in L2."""
+    width = GROUP * num_pid_cols
+    first_row = (pid // width) * GROUP
+    group_rows = tl.minimum(num_pid_rows - first_row, GROUP)
+    return first_row + (pid % width) % group_rows, (pid % width) // group_rows
+
+
+@triton.jit
+def _weight_codes(w, delta, W_MODE: tl.constexpr):
+    """BWN: c = +1 if w >= 0 else -1 (sign(0) = +1); ternary: c = 1[w > delta] - 1[w < -delta]; else c = w."""
+    # Compare in float32 (exact for every input dtype), as the reference does with w.float().
+    if W_MODE == 1:
+        c = tl.where(w.to(tl.float32) >= 0, 1.0, -1.0)
+    elif W_MODE == 2:
+        wf = w.to(tl.float32)
+        c = tl.where(wf > delta, 1.0, tl.where(wf < -delta, -1.0, 0.0))
+    else:
+        c = w
+    return c
+
+
+@triton.jit
+def _act_codes(x, lo, hi, zero, safe, QMIN: tl.constexpr, QMAX: tl.constexpr, ACT: tl.constexpr):
+    """q = clamp(round_half_even((clamp(x, lo, hi) - zero) / safe), qmin, qmax) as integer-valued float32."""
+    v = x.to(tl.float32)
+    if ACT != 3:
+        v = tl.minimum(tl.maximum(v, lo), hi)
+    if ACT == 2:
+        v = v - zero
+    v = tl.math.div_rn(v, safe)
+    # Clamping to the integer bounds before rounding gives the same code and keeps |v| < 2**22 for the rounding.
+    v = tl.minimum(tl.maximum(v, QMIN * 1.0), QMAX * 1.0)
+    return round_half_even(v)
+
+
+@triton.jit
+def _load_act_params(act_ptr, ACT: tl.constexpr):
+    """(lo, hi, zero, step, safe) with safe = step if step > 0 else 1; zeros when there is no activation quant."""
+    lo, hi, zero, step, safe = 0.0, 0.0, 0.0, 0.0, 1.0
+    if ACT != 0:
+        lo = tl.load(act_ptr)
+        hi = tl.load(act_ptr + 1)
+        zero = tl.load(act_ptr + 2)
+        step = tl.load(act_ptr + 3)
+        safe = tl.where(step > 0, step, 1.0)
+    return lo, hi, zero, step, safe
+
+
+@triton.jit
+def _act_codes_kernel(
+    x_ptr, act_ptr, q_ptr, M, K, stride_xm, stride_xk, stride_qm, stride_qk,
+    ACT: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """q = clamp(round_half_even((clamp(x, lo, hi) - zero) / safe), qmin, qmax), stored exactly in q's dtype."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)  # [BM, BK]
+    lo, hi, zero, step, safe = _load_act_params(act_ptr, ACT)
+    q = _act_codes(x, lo, hi, zero, safe, QMIN, QMAX, ACT)
+    tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :] * stride_qk, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _quant_linear_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr, alpha_ptr, delta_ptr, act_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+    W_MODE: tl.constexpr, ALPHA_PER_ROW: tl.constexpr, DELTA_PER_ROW: tl.constexpr,
+    ACT: tl.constexpr, X_CODES: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    """y^T = alpha * (step * (c @ q^T) + zero * sum_k c) + bias, i.e. y = x_hat @ (alpha * c)^T + bias with
+    x_hat = q * step + zero. X_CODES: x_ptr already holds q (integer codes in y's dtype)."""
+    dot_dtype = y_ptr.dtype.element_ty
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Wrapped row / column indices keep loads in bounds without masks; the store drops the wrapped ones.
+    rows = offs_m % M
+    cols = offs_n % N
+    w_ptrs = w_ptr + cols[:, None] * stride_wn + offs_k[None, :] * stride_wk  # [BN, BK]
+    xt_ptrs = x_ptr + offs_k[:, None] * stride_xk + rows[None, :] * stride_xm  # [BK, BM]
+    delta = 0.0
+    if W_MODE == 2:
+        if DELTA_PER_ROW:
+            delta = tl.load(delta_ptr + cols)[:, None]  # [BN, 1]
+        else:
+            delta = tl.load(delta_ptr)
+    lo, hi, zero, step, safe = _load_act_params(act_ptr, ACT)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    code_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        w = tl.load(w_ptrs, mask=mask_k[None, :], other=0.0)  # [BN, BK]
+        xt = tl.load(xt_ptrs, mask=mask_k[:, None], other=0.0)  # [BK, BM]
+        c = _weight_codes(w, delta, W_MODE)
+        if ACT == 2:
+            # The asym code of a padded x is not 0 and sign(0) = +1: zero the K tail of c for the dot and the sum.
+            c = to_dtype(tl.where(mask_k[None, :], c, 0.0), dot_dtype)
+            code_sum += tl.sum(c.to(tl.float32), axis=1)
+        else:
+            c = to_dtype(c, dot_dtype)
+        if ACT == 0 or X_CODES:
+            b = to_dtype(xt, dot_dtype)
+        else:
+            b = _act_codes(xt, lo, hi, zero, safe, QMIN, QMAX, ACT).to(dot_dtype)
+        acc = dot(c, b, acc, PRECISION)
+        w_ptrs += BLOCK_K * stride_wk
+        xt_ptrs += BLOCK_K * stride_xk
+    if ACT != 0:
+        acc = acc * step
+        if ACT == 2:
+            acc += zero * code_sum[:, None]
+    if W_MODE != 0:
+        if ALPHA_PER_ROW:
+            acc = acc * tl.load(alpha_ptr + cols)[:, None]
+        else:
+            acc = acc * tl.load(alpha_ptr)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[:, None]
+    mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    tl.store(y_ptr + offs_n[:, None] * stride_yn + offs_m[None, :] * stride_ym, to_dtype(acc, dot_dtype), mask=mask)
+
+
+@triton.jit
+def _store_slot_sums(
+    partial_ptr, values, channel, pid_k, pid_m, num_slot_m, num_slot_k,
+    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, SLOT_K: tl.constexpr, SLOT_M: tl.constexpr,
+):
+    """partial[i, j, channel] = sum of a [BK, BM] tile over slot (i, j), its SLOT_K x SLOT_M block at x[i, j]."""
+    blocks = tl.reshape(values, [BLOCK_K // SLOT_K, SLOT_K, BLOCK_M // SLOT_M, SLOT_M])
+    sums = tl.sum(tl.sum(blocks, axis=3), axis=1)  # [BK // SLOT_K, BM // SLOT_M]
+    slot_k = pid_k * (BLOCK_K // SLOT_K) + tl.arange(0, BLOCK_K // SLOT_K)
+    slot_m = pid_m * (BLOCK_M // SLOT_M) + tl.arange(0, BLOCK_M // SLOT_M)
+    mask = (slot_k[:, None] < num_slot_k) & (slot_m[None, :] < num_slot_m)
+    tl.store(partial_ptr + (slot_m[None, :] * num_slot_k + slot_k[:, None]) * 2 + channel, sums, mask=mask)
+
+
+@triton.jit
+def _quant_linear_bwd_x_kernel(
+    gy_ptr, w_ptr, x_ptr, gx_ptr, alpha_ptr, delta_ptr, act_ptr, partial_ptr,
+    M, N, K, num_slot_m, num_slot_k,
+    stride_gm, stride_gn, stride_wn, stride_wk, stride_xm, stride_xk, stride_gxm, stride_gxk,
+    W_MODE: tl.constexpr, ALPHA_PER_ROW: tl.constexpr, DELTA_PER_ROW: tl.constexpr,
+    ACT: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    STORE_GRAD_X: tl.constexpr, PARTIALS: tl.constexpr, PRECISION: tl.constexpr,
+    SLOT_M: tl.constexpr, SLOT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    """g^T = (alpha * c)^T @ grad_y^T is the grad of x_hat; grad_x = g * 1[lo < x < hi] (clip) or
+    g * 1[qmin < x/s < qmax] (LSQ). PARTIALS: per-slot sums of g over x <= lo and x >= hi, or of g * dq/ds."""
+    dot_dtype = gy_ptr.dtype.element_ty
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    rows = offs_m % M
+    cols = offs_k % K
+    wt_ptrs = w_ptr + cols[:, None] * stride_wk + offs_n[None, :] * stride_wn  # [BK, BN]
+    gyt_ptrs = gy_ptr + offs_n[:, None] * stride_gn + rows[None, :] * stride_gm  # [BN, BM]
+    delta = 0.0
+    if W_MODE == 2 and not DELTA_PER_ROW:
+        delta = tl.load(delta_ptr)
+    acc = tl.zeros([BLOCK_K, BLOCK_M], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        mask_n = offs_n < N - n0
+        wt = tl.load(wt_ptrs, mask=mask_n[None, :], other=0.0)  # [BK, BN]
+        gyt = tl.load(gyt_ptrs, mask=mask_n[:, None], other=0.0)  # [BN, BM]
+        if W_MODE == 2 and DELTA_PER_ROW:
+            row_delta = tl.load(delta_ptr + n0 + offs_n, mask=mask_n, other=0.0)[None, :]  # [1, BN]
+            c = _weight_codes(wt, row_delta, W_MODE)
+        else:
+            c = _weight_codes(wt, delta, W_MODE)
+        if W_MODE != 0 and ALPHA_PER_ROW:
+            # alpha varies along this reduction, so it scales the codes (w_q rounded like the reference's).
+            c = c * tl.load(alpha_ptr + n0 + offs_n, mask=mask_n, other=0.0)[None, :]
+        acc = dot(to_dtype(c, dot_dtype), gyt.to(dot_dtype), acc, PRECISION)
+        wt_ptrs += BLOCK_N * stride_wn
+        gyt_ptrs += BLOCK_N * stride_gn
+    if W_MODE != 0 and not ALPHA_PER_ROW:
+        acc = acc * tl.load(alpha_ptr)
+    valid = (offs_k[:, None] < K) & (offs_m[None, :] < M)
+    if ACT != 0:
+        xt = tl.load(x_ptr + cols[:, None] * stride_xk + rows[None, :] * stride_xm).to(tl.float32)  # [BK, BM]
+        if ACT == 3:
+            v = tl.math.div_rn(xt, tl.load(act_ptr + 3))
+            below = v <= QMIN
+            above = v >= QMAX
+        else:
+            below = xt <= tl.load(act_ptr)
+            above = xt >= tl.load(act_ptr + 1)
+        if PARTIALS:
+            if ACT == 3:
+                inner = round_half_even(tl.minimum(tl.maximum(v, QMIN * 1.0), QMAX * 1.0)) - v
+                local = tl.where(below, QMIN * 1.0, tl.where(above, QMAX * 1.0, inner))
+                _store_slot_sums(
+                    partial_ptr, tl.where(valid, acc * local, 0.0), 0, pid_k, pid_m, num_slot_m, num_slot_k,
+                    BLOCK_K, BLOCK_M, SLOT_K, SLOT_M,
+                )
+            else:
+                _store_slot_sums(
+                    partial_ptr, tl.where(valid & below, acc, 0.0), 0, pid_k, pid_m, num_slot_m, num_slot_k,
+                    BLOCK_K, BLOCK_M, SLOT_K, SLOT_M,
+                )
+                _store_slot_sums(
+                    partial_ptr, tl.where(valid & above, acc, 0.0), 1, pid_k, pid_m, num_slot_m, num_slot_k,
+                    BLOCK_K, BLOCK_M, SLOT_K, SLOT_M,
+                )
+        acc = tl.where(below | above, 0.0, acc)
+    if STORE_GRAD_X:
+        gx_ptrs = gx_ptr + offs_k[:, None] * stride_gxk + offs_m[None, :] * stride_gxm
+        tl.store(gx_ptrs, to_dtype(acc, gx_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _quant_linear_bwd_w_kernel(
+    gy_ptr, x_ptr, w_ptr, gw_ptr, act_ptr, gsum_ptr,
+    M, N, K,
+    stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk, stride_gwn, stride_gwk,
+    ACT: tl.constexpr, X_CODES: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    CLIPPED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    """grad_w^T = (step * q^T @ grad_y + zero * sum_m grad_y) * 1[|w| <= 1 if CLIPPED]: x_hat^T @ grad_y through
+    the weight STE, reduced over the M tokens. X_CODES: x_ptr already holds q (integer codes in grad_y's dtype)."""
+    dot_dtype = gy_ptr.dtype.element_ty
+    pid_n, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = offs_n % N
+    cols = offs_k % K
+    xt_ptrs = x_ptr + cols[:, None] * stride_xk + offs_m[None, :] * stride_xm  # [BK, BM]
+    gy_ptrs = gy_ptr + offs_m[:, None] * stride_gm + rows[None, :] * stride_gn  # [BM, BN]
+    lo, hi, zero, step, safe = _load_act_params(act_ptr, ACT)
+    acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        mask_m = offs_m < M - m0
+        xt = tl.load(xt_ptrs, mask=mask_m[None, :], other=0.0)  # [BK, BM]
+        gy = tl.load(gy_ptrs, mask=mask_m[:, None], other=0.0)  # [BM, BN]
+        if ACT == 0 or X_CODES:
+            a = to_dtype(xt, dot_dtype)
+        else:
+            a = _act_codes(xt, lo, hi, zero, safe, QMIN, QMAX, ACT).to(dot_dtype)
+        acc = dot(a, gy.to(dot_dtype), acc, PRECISION)
+        xt_ptrs += BLOCK_M * stride_xm
+        gy_ptrs += BLOCK_M * stride_gm
+    if ACT != 0:
+        acc = acc * step
+        if ACT == 2:
+            acc += zero * tl.load(gsum_ptr + rows)[None, :]
+    if CLIPPED:
+        wt = tl.load(w_ptr + cols[:, None] * stride_wk + rows[None, :] * stride_wn).to(tl.float32)  # [BK, BN]
+        acc = tl.where(tl.abs(wt) <= 1.0, acc, 0.0)
+    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+    gw_ptrs = gw_ptr + offs_k[:, None] * stride_gwk + offs_n[None, :] * stride_gwn
+    tl.store(gw_ptrs, to_dtype(acc, gw_ptr.dtype.element_ty), mask=mask)
+
+
+def _autotuned(kernel, configs, configs_fp32):
+    """(bf16/fp16 autotuner, float32 autotuner) over the same kernel; one config each when autotuning is off."""
+    return tuple(
+        triton.autotune(configs=options if _AUTOTUNE else options[:1], key=["M", "N", "K"])(kernel)
+        for options in (configs, configs_fp32)
+    )
+
+
+_FWD = _autotuned(_quant_linear_fwd_kernel, _FWD_CONFIGS, _FWD_CONFIGS_FP32)
+_BWD_X = _autotuned(_quant_linear_bwd_x_kernel, _BWD_X_CONFIGS, _BWD_X_CONFIGS_FP32)
+_BWD_W = _autotuned(_quant_linear_bwd_w_kernel, _BWD_W_CONFIGS, _BWD_W_CONFIGS_FP32)
+
+
+class _Spec(NamedTuple):
+    """Static options of one call (everything the kernels take as constexpr)."""
+
+    weight_mode: int
+    alpha_per_row: bool
+    delta_per_row: bool
+    clipped: bool
+    act: int
+    qmin: int
+    qmax: int
+    codes: bool
+    dtype: torch.dtype
+    precision: str
+
+
+def _pick(autotuners, spec: _Spec):
+    """The float32-config autotuner for float32 dots, else the bf16 / fp16 one."""
+    return autotuners[1] if spec.dtype == torch.float32 else autotuners[0]
+
+
+def _flat_scale(name: str, value: torch.Tensor, rows: int) -> torch.Tensor:
+    """A given alpha / delta as a contiguous float32 vector of 1 (per tensor) or ``rows`` (per row) values."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+    if value.numel() not in (1, rows):
+        raise ValueError(f"{name} must have 1 or out_features={rows} elements, got shape {tuple(value.shape)}")
+    return value.detach().reshape(-1).to(torch.float32).contiguous()
+
+
+def _weight_scales(weight, weight_method, granularity, weight_scale, weight_threshold):
+    """``(alpha, delta)`` as float32 vectors of 1 or N values (``None`` where unused)."""
+    if weight_method is None:
+        return None, None
+    rows = weight.shape[0]
+    if weight_method != "bwn" and (weight_scale is None) != (weight_threshold is None):
+        raise ValueError(
+            f"weight_scale and weight_threshold must be given together for weight_method={weight_method!r}"
+        )
+    if weight_scale is None:
+        alpha, delta = scales.weight_scale_threshold(weight, weight_method, granularity)
+    else:
+        alpha, delta = weight_scale, None if weight_method == "bwn" else weight_threshold
+    alpha = _flat_scale("weight_scale", alpha, rows)
+    return alpha, None if delta is None else _flat_scale("weight_threshold", delta, rows)
+
+
+def _act_code_buffer(x, params, spec: _Spec) -> torch.Tensor:
+    """The transient integer codes q of x in the dot dtype ("codes" activation path)."""
+    m, k = x.shape
+    codes = new_output((m, k), spec.dtype, x.device)
+    grid = (triton.cdiv(m, _CODES_BLOCK_M), triton.cdiv(k, _CODES_BLOCK_K))
+    _act_codes_kernel[grid](
+        x, params, codes, m, k, x.stride(0), x.stride(1), codes.stride(0), codes.stride(1),
+        ACT=spec.act, QMIN=spec.qmin, QMAX=spec.qmax, BLOCK_M=_CODES_BLOCK_M, BLOCK_K=_CODES_BLOCK_K,
+    )
+    return codes
+
+
+# Unused pointer arguments get a read-only input tensor (never an output: torch.compile tracks kernel mutations).
+def _forward(x, weight, bias, alpha, delta, params, spec: _Spec) -> torch.Tensor:
+    m, k = x.shape
+    n = weight.shape[0]
+    x_codes = spec.codes and spec.act != _NONE
+    operand = _act_code_buffer(x, params, spec) if x_codes else x
+    y = new_output((m, n), spec.dtype, x.device)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    _pick(_FWD, spec)[grid](
+        operand, weight, weight if bias is None else bias, y,
+        weight if alpha is None else alpha, weight if delta is None else delta, weight if params is None else params,
+        m, n, k,
+        operand.stride(0), operand.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
+        W_MODE=spec.weight_mode, ALPHA_PER_ROW=spec.alpha_per_row, DELTA_PER_ROW=spec.delta_per_row,
+        ACT=spec.act, X_CODES=x_codes, QMIN=spec.qmin, QMAX=spec.qmax, HAS_BIAS=bias is not None,
+        PRECISION=spec.precision,
+    )
+    return y
+
+
+def _backward_x(grad_y, weight, x, alpha, delta, params, spec: _Spec, store_grad_x: bool, partials: bool):
+    """``(grad_x or None, partial sums [slots_m, slots_k, 2] or None)``."""
+    m, k = x.shape
+    n = weight.shape[0]
+    grad_x = new_output((m, k), x.dtype, x.device) if store_grad_x else None
+    num_slot_m, num_slot_k = triton.cdiv(m, _SLOT_M), triton.cdiv(k, _SLOT_K)
+    partial = new_output((num_slot_m, num_slot_k, 2), torch.float32, x.device) if partials else None
+    target = grad_y if grad_x is None else grad_x
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
+    _pick(_BWD_X, spec)[grid](
+        grad_y, weight, x, target,
+        grad_y if alpha is None else alpha, grad_y if delta is None else delta,
+        grad_y if params is None else params, grad_y if partial is None else partial,
+        m, n, k, num_slot_m, num_slot_k,
+        grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), x.stride(0), x.stride(1),
+        target.stride(0), target.stride(1),
+        W_MODE=spec.weight_mode, ALPHA_PER_ROW=spec.alpha_per_row, DELTA_PER_ROW=spec.delta_per_row,
+        ACT=spec.act, QMIN=spec.qmin, QMAX=spec.qmax, STORE_GRAD_X=store_grad_x, PARTIALS=partials,
+        PRECISION=spec.precision, SLOT_M=_SLOT_M, SLOT_K=_SLOT_K,
+    )
+    return grad_x, partial
+
+
+def _backward_w(grad_y, x, weight, params, grad_sum, spec: _Spec) -> torch.Tensor:
+    m, k = x.shape
+    n = weight.shape[0]
+    x_codes = spec.codes and spec.act != _NONE
+    operand = _act_code_buffer(x, params, spec) if x_codes else x
+    grad_w = new_output((n, k), weight.dtype, weight.device)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]),)
+    _pick(_BWD_W, spec)[grid](
+        grad_y, operand, weight, grad_w, grad_y if params is None else params,
+        grad_y if grad_sum is None else grad_sum,
+        m, n, k,
+        grad_y.stride(0), grad_y.stride(1), operand.stride(0), operand.stride(1),
+        weight.stride(0), weight.stride(1), grad_w.stride(0), grad_w.stride(1),
+        ACT=spec.act, X_CODES=x_codes, QMIN=spec.qmin, QMAX=spec.qmax, CLIPPED=spec.clipped,
+        PRECISION=spec.precision,
+    )
+    return grad_w
+
+
+class _FusedQuantLinear(torch.autograd.Function):
+    """Saves x (2-D), the latent weight and the float32 scalars alpha / delta / (lo, hi, zero, step) only."""
+
+    @staticmethod
+    def forward(
+        ctx, x, weight, bias, weight_scale, weight_threshold, act_clip, act_step,
+        weight_method, granularity, ste, act_method, act_bits, act_signed, dtype, precision, act_path,
+    ):
+        n, k = weight.shape
+        x2 = x.reshape(-1, k)
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        if bias is not None and bias.stride(0) != 1:
+            bias = bias.contiguous()
+        alpha, delta = _weight_scales(weight, weight_method, granularity, weight_scale, weight_threshold)
+        act = scales.ACT_CODES[act_method]
+        params, (qmin, qmax) = None, (0, 0)
+        if act != _NONE:
+            qmin, qmax = reference.act_qrange(act_method, act_bits, act_signed)
+            if x2.shape[0] > 0:
+                params, _, _ = scales.act_params(x2, act_method, act_bits, act_clip, act_step, act_signed)
+        spec = _Spec(
+            weight_mode=_WEIGHT_CODES[weight_method],
+            alpha_per_row=alpha is not None and alpha.numel() > 1,
+            delta_per_row=delta is not None and delta.numel() > 1,
+            clipped=weight_method is not None and ste == "clipped",
+            act=act, qmin=qmin, qmax=qmax, codes=act_path == "codes", dtype=dtype, precision=precision,
+        )
+        if x2.shape[0] == 0:
+            y = torch.zeros((0, n), dtype=dtype, device=x.device)
+        else:
+            y = _forward(x2, weight, bias, alpha, delta, params, spec)
+        ctx.save_for_backward(x2, weight, alpha, delta, params)
+        ctx.spec = spec
+        ctx.x_shape = x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        param = act_step if act == _LSQ else act_clip
+        ctx.act_param_meta = None if param is None else (param.dtype, param.shape)
+        return y.reshape(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, weight, alpha, delta, params = ctx.saved_tensors
+        spec: _Spec = ctx.spec
+        m, k = x2.shape
+        n = weight.shape[0]
+        needs = ctx.needs_input_grad
+        need_act = spec.act != _NONE and needs[6 if spec.act == _LSQ else 5]
+        grad_y = grad_y.reshape(-1, n)
+        grad_x = grad_w = grad_bias = grad_clip = grad_step = None
+        partial_sum = torch.zeros(2, dtype=torch.float32, device=x2.device)
+        if m == 0:
+            grad_x = x2.new_zeros(ctx.x_shape) if needs[0] else None
+            grad_w = torch.zeros_like(weight) if needs[1] else None
+        elif needs[0] or need_act:
+            grad_x, partial = _backward_x(grad_y, weight, x2, alpha, delta, params, spec, needs[0], need_act)
+            if grad_x is not None:
+                grad_x = grad_x.reshape(ctx.x_shape)
+            if partial is not None:
+                partial_sum = partial.sum(dim=(0, 1))
+        grad_sum = None
+        if needs[2] or (m > 0 and needs[1] and spec.act == _ASYM):
+            grad_sum = grad_y.sum(dim=0, dtype=torch.float32)
+        if m > 0 and needs[1]:
+            grad_w = _backward_w(grad_y, x2, weight, params, grad_sum, spec)
+        if needs[2]:
+            grad_bias = grad_sum.to(ctx.bias_dtype)
+        if need_act:
+            dtype, shape = ctx.act_param_meta
+            if spec.act == _LSQ:
+                scale = 1.0 / math.sqrt(m * k * spec.qmax) if m > 0 else 0.0
+                grad_step = (partial_sum[0] * scale).to(dtype).reshape(shape)
+            else:
+                grad_clip = partial_sum.to(dtype).reshape(shape)
+        return (grad_x, grad_w, grad_bias, None, None, grad_clip, grad_step) + (None,) * 9
+
+
+@torch.compiler.assume_constant_result
+def _fp32_dot_precision() -> str:
+    """Follow torch's float32 matmul setting: IEEE fp32 for "highest" (torch's default), TF32 otherwise."""
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def fused_quant_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    weight_method: str | None,
+    granularity: str,
+    ste: str,
+    weight_scale: torch.Tensor | None,
+    weight_threshold: torch.Tensor | None,
+    act_method: str | None,
+    act_bits: int,
+    act_clip: torch.Tensor | None,
+    act_step: torch.Tensor | None,
+    act_signed: bool,
+) -> torch.Tensor:
+    """Fused ``quant_linear`` (the arguments of ``triton_bq.reference.quant_linear``, validated by
+    ``triton_bq.functional``). Output dtype: the autocast dtype when autocast is on, else ``x.dtype``.
+
+    float32 dots are IEEE when ``torch.get_float32_matmul_precision() == "highest"`` (torch's default), else TF32.
+    """
+    check_kernel_tensor("x", x)
+    check_kernel_tensor("weight", weight)
+    if x.device != weight.device:
+        raise ValueError(f"x and weight must be on the same device, got {x.device} and {weight.device}")
+    if bias is not None and bias.device != weight.device:
+        raise ValueError(f"bias must be on {weight.device} like weight, got {bias.device}")
+    dtype = _compute_dtype(x)
+    if dtype not in _common.SUPPORTED_DTYPES:
+        raise TypeError(f"the compute dtype (autocast or x's) must be float32, bfloat16 or float16, got {dtype}")
+    precision = _fp32_dot_precision() if dtype == torch.float32 else "tf32"
+    return _FusedQuantLinear.apply(
+        x, weight, bias, weight_scale, weight_threshold, act_clip, act_step,
+        weight_method, granularity, ste, act_method, act_bits, act_signed, dtype, precision, _ACT_PATH,
+    )

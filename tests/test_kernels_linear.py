@@ -1,0 +1,454 @@
+"""Fused Triton quantized linear (forward and straight-through backward) against ``triton_bq.reference``.
+
+Runs on CUDA when present, else in Triton's CPU interpreter (conftest sets ``TRITON_INTERPRET=1``).
+Every kernel output starts NaN-filled (``poison_outputs``), so an element a kernel never writes fails a test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import NamedTuple
+
+import pytest
+import torch
+from torch import nn
+from triton_bq.kernels import _common
+from triton_bq.kernels import linear as kernels_linear
+from triton_bq.kernels.linear import fused_quant_linear
+
+import triton_bq
+from triton_bq import reference as ref
+
+
+class Tolerance(NamedTuple):
+    relative: float  # max |actual - expected| <= relative * max |expected|
+    sqnr_db: float  # 10 log10(sum expected^2 / sum (actual - expected)^2) >= sqnr_db
+
+
+# The one tolerance table, by compute dtype. float32 is IEEE on CUDA (torch's default "highest" precision)
+# and exact numpy float32 in the interpreter; bf16 / fp16 differ from the float64 reference by output rounding.
+TOLERANCES = {
+    torch.float32: Tolerance(1e-4, 70.0),
+    torch.bfloat16: Tolerance(1.5e-2, 35.0),
+    torch.float16: Tolerance(2e-3, 50.0),
+}
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    tolerance = TOLERANCES[dtype]
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert torch.isfinite(a).all(), f"{name}: non-finite values (an unwritten element?)"
+    error = (a - e).abs().max().item()
+    scale = e.abs().max().item()
+    assert error <= tolerance.relative * scale, (
+        f"{name}: max |error| {error:.3e} > {tolerance.relative} * max |expected| {scale:.3e}"
+    )
+    noise = ((a - e) ** 2).sum().item()
+    if noise > 0:
+        sqnr = 10 * math.log10((e**2).sum().item() / noise)
+        assert sqnr >= tolerance.sqnr_db, f"{name}: SQNR {sqnr:.1f} dB < {tolerance.sqnr_db} dB"
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+
+
+class Shape(NamedTuple):
+    batch: tuple  # leading dims of x
+    k: int
+    n: int
+
+
+SHAPES = {
+    "m1-k96-n33": Shape((1,), 96, 33),
+    "m7-k64-n48": Shape((7,), 64, 48),
+    "m127-k96-n33": Shape((127,), 96, 33),
+    "b2-t5-k96-n40": Shape((2, 5), 96, 40),
+    "m40-k130-n1": Shape((40,), 130, 1),
+}
+
+
+class Act(NamedTuple):
+    method: str | None
+    bits: int = 8
+    signed: bool = True
+
+
+ACTS = {
+    "a-none": Act(None),
+    "a8-sym": Act("sym", 8),
+    "a8-asym": Act("asym", 8),
+    "a4-lsq-signed": Act("lsq", 4, True),
+    "a4-lsq-unsigned": Act("lsq", 4, False),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def make_inputs(shape: Shape, act: Act, dtype, device, seed=0):
+    """x, latent weight (some |w| > 1 for the clipped STE), bias, clip pair, LSQ step; all leaf tensors."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape.batch, shape.k, generator=generator) * 2
+    if act.method == "lsq" and not act.signed:
+        x = x.relu()
+    weight = torch.randn(shape.n, shape.k, generator=generator) * 0.8
+    bias = torch.randn(shape.n, generator=generator)
+    clip = torch.tensor([-2.5, 2.0])
+    step = torch.tensor(0.45 if act.signed else 0.3)
+    return x.to(device, dtype), weight.to(device, dtype), bias.to(device, dtype), clip.to(device), step.to(device)
+
+
+def run_op(op, x, weight, bias, clip, step, grad_y, **options):
+    """Forward and backward; returns (y, grad_x, grad_w, grad_bias, grad_clip, grad_step)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias, clip, step)]
+    x, weight, bias, clip, step = leaves
+    y = op(x, weight, bias, act_clip=clip, act_step=step, **options)
+    y.backward(grad_y.to(y.dtype))
+    return (y, x.grad, weight.grad, bias.grad, clip.grad, step.grad)
+
+
+def options_for(weight_method, granularity, ste, act: Act, **given):
+    return dict(
+        weight_method=weight_method, granularity=granularity, ste=ste,
+        weight_scale=given.get("weight_scale"), weight_threshold=given.get("weight_threshold"),
+        act_method=act.method, act_bits=act.bits, act_signed=act.signed,
+    )
+
+
+def act_grad_term_scale(x, weight, clip, step, grad_y, options) -> float:
+    """Sum of |terms| of the clip / LSQ-step gradient sums (float64): the scale of their rounding error.
+
+    Those sums cancel, so their error is bounded relative to the summed magnitudes, not to the result.
+    """
+    method, act_method = options["weight_method"], options["act_method"]
+    w = weight.detach().double()
+    if method is not None:
+        w = ref.quantize_weight(
+            w, method, options["granularity"], scale=options["weight_scale"], threshold=options["weight_threshold"]
+        )
+    g = grad_y.double().reshape(-1, w.shape[0]) @ w  # grad of x_hat
+    xf = x.detach().double().reshape(g.shape)
+    if act_method == "lsq":
+        qmin, qmax = ref.act_qrange("lsq", options["act_bits"], options["act_signed"])
+        v = xf / step.double()
+        local = torch.where(v <= qmin, qmin, torch.where(v >= qmax, qmax, torch.round(v) - v))
+        return ((g * local).abs().sum() / math.sqrt(xf.numel() * qmax)).item()
+    lo, hi = clip.double()
+    return max(g[xf <= lo].abs().sum().item(), g[xf >= hi].abs().sum().item())
+
+
+def check_against_float64_reference(x, weight, bias, clip, step, options, dtype):
+    torch.manual_seed(7)
+    # Both sides get the same grad_y values (rounded to the output dtype, as autograd hands it to the kernels).
+    grad_y = torch.randn(*x.shape[:-1], weight.shape[0], device=x.device).to(dtype)
+    got = run_op(fused_quant_linear, x, weight, bias, clip, step, grad_y, **options)
+    expected = run_op(ref.quant_linear, x.double(), weight.double(), bias.double(), clip, step, grad_y, **options)
+    assert got[0].dtype == dtype
+    for name, actual, wanted in zip(("y", "grad_x", "grad_weight", "grad_bias"), got[:4], expected[:4], strict=True):
+        assert_matches(actual, wanted, dtype, name)
+    for name, actual, wanted in zip(("grad_clip", "grad_step"), got[4:], expected[4:], strict=True):
+        if wanted is None:
+            assert actual is None, f"{name} should be None"
+            continue
+        assert actual.shape == wanted.shape and torch.isfinite(actual).all(), f"{name}: {actual}"
+        error = (actual.double() - wanted.double()).abs().max().item()
+        bound = TOLERANCES[dtype].relative * act_grad_term_scale(x, weight, clip, step, grad_y, options)
+        assert error <= bound, f"{name}: |error| {error:.3e} > {bound:.3e} ({actual.tolist()} vs {wanted.tolist()})"
+
+
+def _parity_cases():
+    """Every (weight method, activation quantizer, dtype) once; granularity / STE / shape rotate across them."""
+    granularities = itertools.cycle(["tensor", "row"])
+    stes = itertools.cycle(["identity", "clipped", "clipped"])
+    shapes = itertools.cycle(["m127-k96-n33", "b2-t5-k96-n40", "m7-k64-n48"])
+    for method, act_id, dtype_id in itertools.product(["bwn", "twn", None], ACTS, DTYPES):
+        if method is None and act_id == "a-none":
+            continue
+        granularity, ste, shape = next(granularities), next(stes), next(shapes)
+        name = f"{method or 'fp-weight'}-{granularity}-{ste}-{act_id}-{dtype_id}-{shape}"
+        yield pytest.param(method, granularity, ste, act_id, dtype_id, shape, id=name)
+
+
+@pytest.mark.parametrize("method, granularity, ste, act_id, dtype_id, shape_id", list(_parity_cases()))
+def test_forward_and_grads_match_reference(device, method, granularity, ste, act_id, dtype_id, shape_id):
+    act, dtype = ACTS[act_id], DTYPES[dtype_id]
+    x, weight, bias, clip, step = make_inputs(SHAPES[shape_id], act, dtype, device)
+    options = options_for(method, granularity, ste, act)
+    check_against_float64_reference(x, weight, bias, clip, step, options, dtype)
+
+
+@pytest.mark.parametrize("shape_id", SHAPES)
+@pytest.mark.parametrize(
+    "method, granularity, act_id",
+    [("twn", "row", "a4-lsq-signed"), ("bwn", "tensor", "a8-asym")],
+    ids=["twn-row-a4-lsq-signed", "bwn-tensor-a8-asym"],
+)
+def test_odd_shapes_match_reference(device, shape_id, method, granularity, act_id):
+    act = ACTS[act_id]
+    x, weight, bias, clip, step = make_inputs(SHAPES[shape_id], act, torch.float32, device, seed=3)
+    options = options_for(method, granularity, "identity", act)
+    check_against_float64_reference(x, weight, bias, clip, step, options, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "method, act_id", [("bwn", "a8-sym"), ("twn", "a4-lsq-signed")], ids=["bwn-a8-sym", "twn-a4-lsq-signed"]
+)
+def test_float16_matches_reference(device, method, act_id):
+    act = ACTS[act_id]
+    x, weight, bias, clip, step = make_inputs(SHAPES["m127-k96-n33"], act, torch.float16, device, seed=13)
+    options = options_for(method, "row", "clipped", act)
+    check_against_float64_reference(x, weight, bias, clip, step, options, torch.float16)
+
+
+@pytest.mark.parametrize("act_id", ["a8-sym", "a8-asym", "a4-lsq-unsigned"])
+def test_codes_act_path_matches_reference(device, monkeypatch, act_id):
+    """The "codes" activation path (codes written once, then streamed by the GEMMs); "fused" is the default."""
+    monkeypatch.setattr(kernels_linear, "_ACT_PATH", "codes")
+    act = ACTS[act_id]
+    x, weight, bias, clip, step = make_inputs(SHAPES["m127-k96-n33"], act, torch.bfloat16, device, seed=4)
+    options = options_for("twn", "tensor", "clipped", act)
+    check_against_float64_reference(x, weight, bias, clip, step, options, torch.bfloat16)
+
+
+def _exact_inputs(act: Act, device):
+    """Inputs whose fake-quant step is a power of two, so y = x_hat @ codes^T is exact in float32 (and in bf16
+    up to the output rounding).
+
+    x holds exact half-way points (round half to even), the clip bounds and out-of-range values; the weight holds
+    0, -0.0 and values exactly at +-delta (sign(0) = +1, strict ternary threshold).
+    """
+    generator = torch.Generator().manual_seed(5)
+    m, k, n = 33, 96, 40
+    if act.method == "sym":  # clip [-15.875, 15.875]: max |x_c| = 15.875 = 127 / 8, step = 1/8
+        grid, low, high = 0.125, -15.875, 15.875
+    elif act.method == "asym":  # min -4, max -4 + 255/16: zero = -4, step = 1/16
+        grid, low, high = 0.0625, -4.0, -4.0 + 255 / 16
+    else:  # LSQ step 1/2
+        grid, low, high = 0.5, -6.0, 9.0
+    x = torch.randint(int(low / grid) - 8, int(high / grid) + 8, (m, k), generator=generator) * grid
+    x += torch.where(torch.rand(m, k, generator=generator) < 0.4, grid / 2, 0.0)
+    x[0, :4] = torch.tensor([low, high, -grid / 2, grid / 2])
+    x[1, :2] = torch.tensor([low - 3, high + 3])
+    weight = torch.randint(-3, 4, (n, k), generator=generator).float() * 0.25
+    weight[0, :3] = torch.tensor([0.0, -0.0, 0.5])
+    weight[1, :2] = torch.tensor([-0.5, 0.5 + 2**-20])
+    clip = torch.tensor([low, high])
+    if act.method in ("sym", "asym"):
+        x[2, 0], x[2, 1] = low, high
+    return x.to(device), weight.to(device), clip.to(device), torch.tensor(grid, device=device)
+
+
+def _exact_cases():
+    """Both weight methods, every activation quantizer, fp32 and bf16; the "codes" activation path in bf16."""
+    for act_id, method, dtype_id in itertools.product(
+        ["a8-sym", "a8-asym", "a4-lsq-signed", "a4-lsq-unsigned"], ["bwn", "twn"], DTYPES
+    ):
+        paths = kernels_linear.ACT_PATHS if dtype_id == "bf16" and method == "twn" else ("fused",)
+        for act_path in paths:
+            yield pytest.param(act_id, method, dtype_id, act_path, id=f"{method}-{act_id}-{dtype_id}-{act_path}")
+
+
+@pytest.mark.parametrize("act_id, method, dtype_id, act_path", list(_exact_cases()))
+def test_codes_and_grads_exact(device, monkeypatch, act_id, method, dtype_id, act_path):
+    """weight_scale = 1, a power-of-two activation step and an integer grad_y make every result an exact sum of
+    exactly representable terms: the fused codes, masks and partial sums must equal the reference bit for bit."""
+    monkeypatch.setattr(kernels_linear, "_ACT_PATH", act_path)
+    act, dtype = ACTS[act_id], DTYPES[dtype_id]
+    x, weight, clip, step = _exact_inputs(act, device)
+    # The codes of the bf16-rounded inputs are compared (bf16 keeps 8 significant bits of the grid values).
+    x, weight = x.to(dtype), weight.to(dtype)
+    given = dict(weight_scale=torch.ones((), device=device))
+    if method == "twn":
+        given["weight_threshold"] = torch.tensor(0.5, device=device)
+    options = options_for(method, "tensor", "identity", act, **given)
+    grad_y = torch.randint(-3, 4, (x.shape[0], weight.shape[0]), generator=torch.Generator().manual_seed(6))
+    grad_y = grad_y.to(device, dtype)
+    bias = torch.zeros(weight.shape[0], device=device, dtype=dtype)
+    got = run_op(fused_quant_linear, x, weight, bias, clip, step, grad_y, **options)
+    expected = run_op(ref.quant_linear, x.double(), weight.double(), bias.double(), clip, step, grad_y, **options)
+    names = ("y", "grad_x", "grad_weight", "grad_bias", "grad_clip", "grad_step")
+    for name, actual, wanted in zip(names, got, expected, strict=True):
+        if wanted is None:
+            assert actual is None, name
+        else:
+            wanted = wanted.to(actual.dtype)
+            assert torch.equal(actual, wanted), f"{name}: max diff {(actual.double() - wanted.double()).abs().max()}"
+
+
+def test_given_scale_and_threshold(device):
+    """LAT passes (alpha, delta); given scales work for every method, per tensor and per row."""
+    act = ACTS["a8-sym"]
+    x, weight, bias, clip, step = make_inputs(SHAPES["m127-k96-n33"], act, torch.float32, device, seed=6)
+    alpha, delta = ref.lat_scale_threshold(weight, None, "row")
+    check_against_float64_reference(
+        x, weight, bias, clip, step,
+        options_for("lat", "row", "clipped", act, weight_scale=alpha, weight_threshold=delta), torch.float32,
+    )
+    given = dict(weight_scale=torch.tensor(0.3, device=device), weight_threshold=torch.tensor(0.2, device=device))
+    check_against_float64_reference(
+        x, weight, bias, clip, step, options_for("twn", "tensor", "identity", act, **given), torch.float32
+    )
+    row_scale = torch.rand(weight.shape[0], 1, device=device) + 0.5
+    check_against_float64_reference(
+        x, weight, bias, clip, step,
+        options_for("bwn", "row", "identity", act, weight_scale=row_scale), torch.float32,
+    )
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["x-fp32", "x-bf16"])
+@pytest.mark.parametrize("act_id", ["a-none", "a8-sym"])
+def test_autocast_bf16(device, x_dtype, act_id):
+    act = ACTS[act_id]
+    x, weight, bias, clip, step = make_inputs(SHAPES["b2-t5-k96-n40"], act, torch.float32, device, seed=8)
+    x = x.to(x_dtype)
+    grad_y = torch.randn(2, 5, 40, device=device)
+    options = options_for("bwn", "tensor", "identity", act)
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+        got = run_op(fused_quant_linear, x, weight, bias, clip, step, grad_y, **options)
+        expected = run_op(ref.quant_linear, x, weight, bias, clip, step, grad_y, **options)
+    assert got[0].dtype == torch.bfloat16
+    assert got[1].dtype == x_dtype and got[2].dtype == torch.float32 and got[3].dtype == torch.float32
+    names = ("y", "grad_x", "grad_weight", "grad_bias")
+    for name, actual, wanted in zip(names, got[:4], expected[:4], strict=True):
+        assert_matches(actual, wanted, torch.bfloat16, name)
+    if act.method is not None:
+        bound = TOLERANCES[torch.bfloat16].relative * act_grad_term_scale(x, weight, clip, step, grad_y, options)
+        assert (got[4] - expected[4]).abs().max().item() <= bound, (got[4], expected[4])
+
+
+def test_non_contiguous_inputs_and_no_bias(device):
+    act = ACTS["a4-lsq-signed"]
+    x, weight, _, clip, step = make_inputs(SHAPES["m127-k96-n33"], act, torch.float32, device, seed=9)
+    x_strided = torch.stack([x, x], dim=-1)[..., 0]
+    weight_t = weight.t().contiguous().t()
+    assert not x_strided.is_contiguous() and not weight_t.is_contiguous()
+    options = options_for("twn", "row", "identity", act)
+    grad_y = torch.randn(127, 33, device=device).t().contiguous().t()
+    got_x, got_w = x_strided.clone().requires_grad_(), weight_t.detach().clone().requires_grad_()
+    y = fused_quant_linear(got_x, got_w, None, act_clip=clip, act_step=step, **options)
+    y.backward(grad_y)
+    ref_x, ref_w = x.double().requires_grad_(), weight.double().requires_grad_()
+    expected = ref.quant_linear(ref_x, ref_w, None, act_clip=clip, act_step=step, **options)
+    expected.backward(grad_y.double())
+    assert_matches(y, expected, torch.float32, "y")
+    assert_matches(got_x.grad, ref_x.grad, torch.float32, "grad_x")
+    assert_matches(got_w.grad, ref_w.grad, torch.float32, "grad_weight")
+
+
+@pytest.mark.parametrize("wanted", ["x", "weight", "clip"])
+def test_only_requested_grads(device, wanted):
+    act = ACTS["a8-asym"]
+    x, weight, bias, clip, step = make_inputs(SHAPES["m7-k64-n48"], act, torch.float32, device, seed=10)
+    tensors = dict(x=x.clone(), weight=weight.clone(), clip=clip.clone())
+    tensors[wanted].requires_grad_()
+    options = options_for("bwn", "tensor", "identity", act)
+    y = fused_quant_linear(tensors["x"], tensors["weight"], bias, act_clip=tensors["clip"], act_step=step, **options)
+    y.sum().backward()
+    leaves = dict(x=x.double().requires_grad_(), weight=weight.double().requires_grad_(), clip=clip.clone())
+    leaves["clip"].requires_grad_()
+    expected = ref.quant_linear(
+        leaves["x"], leaves["weight"], bias.double(), act_clip=leaves["clip"], act_step=step, **options
+    )
+    expected.sum().backward()
+    for name, tensor in tensors.items():
+        if name == wanted:
+            assert_matches(tensor.grad, leaves[name].grad, torch.float32, f"grad_{name}")
+        else:
+            assert tensor.grad is None
+
+
+def test_empty_batch(device):
+    act = ACTS["a8-sym"]
+    _, weight, bias, clip, step = make_inputs(SHAPES["m7-k64-n48"], act, torch.float32, device)
+    x = torch.zeros(0, 64, device=device, requires_grad=True)
+    weight.requires_grad_()
+    options = options_for("bwn", "tensor", "identity", act)
+    y = fused_quant_linear(x, weight, bias, act_clip=clip, act_step=step, **options)
+    assert y.shape == (0, 48)
+    y.sum().backward()
+    assert x.grad.shape == (0, 64) and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_kernel_argument_errors(device):
+    act = ACTS["a-none"]
+    x, weight, bias, clip, step = make_inputs(SHAPES["m7-k64-n48"], act, torch.float32, device)
+    options = options_for("bwn", "tensor", "identity", act)
+    with pytest.raises(TypeError, match=r"x must have dtype .* got torch.float64"):
+        fused_quant_linear(x.double(), weight, bias, act_clip=None, act_step=None, **options)
+    with pytest.raises(TypeError, match=r"weight must have dtype"):
+        fused_quant_linear(x, weight.double(), bias, act_clip=None, act_step=None, **options)
+    bad_scale = dict(options, weight_scale=torch.ones(5, device=device))
+    with pytest.raises(ValueError, match=r"weight_scale must have 1 or out_features=48 elements, got shape \(5,\)"):
+        fused_quant_linear(x, weight, bias, act_clip=None, act_step=None, **bad_scale)
+    only_scale = dict(options_for("twn", "tensor", "identity", act), weight_scale=torch.ones((), device=device))
+    with pytest.raises(ValueError, match="weight_scale and weight_threshold must be given together"):
+        fused_quant_linear(x, weight, bias, act_clip=None, act_step=None, **only_scale)
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+@pytest.mark.parametrize(
+    "layer_cls, kwargs",
+    [
+        (triton_bq.BinaryLinear, dict(act_bits=8)),
+        (triton_bq.TernaryLinear, dict(act_bits=4, granularity="row", ste="clipped")),
+        (triton_bq.BinaryLinear, dict(act_bits=None, bias=False)),
+    ],
+    ids=["binary-a8", "ternary-row-clipped-a4", "binary-no-act-no-bias"],
+)
+def test_module_backends_agree(device, monkeypatch, backend, layer_cls, kwargs):
+    calls = []
+    original = kernels_linear.fused_quant_linear
+
+    def spy(*args, **options):
+        calls.append(1)
+        return original(*args, **options)
+
+    monkeypatch.setattr(kernels_linear, "fused_quant_linear", spy)
+    torch.manual_seed(11)
+    reference_layer = layer_cls(96, 33, backend="reference", device=device, **kwargs)
+    layer = layer_cls(96, 33, backend=backend, device=device, **kwargs)
+    layer.load_state_dict(reference_layer.state_dict())
+    x = torch.randn(4, 7, 96, device=device) * 2
+    outputs = []
+    for module in (reference_layer, layer):
+        inputs = x.clone().requires_grad_()
+        y = module(inputs)
+        (y * torch.linspace(-1, 1, 33, device=device)).sum().backward()
+        grads = {name: p.grad for name, p in module.named_parameters()}
+        outputs.append((y, inputs.grad, grads))
+    assert calls, f"backend={backend!r} did not call the fused kernels"
+    (y_ref, gx_ref, grads_ref), (y, gx, grads) = outputs
+    assert_matches(y, y_ref, torch.float32, "y")
+    assert_matches(gx, gx_ref, torch.float32, "grad_x")
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        assert_matches(grads[name], grads_ref[name], torch.float32, f"grad {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fullgraph", [False, True], ids=["graph-breaks-allowed", "fullgraph"])
+def test_torch_compile_matches_eager(fullgraph):
+    torch.manual_seed(12)
+    model = nn.Sequential(
+        triton_bq.BinaryLinear(128, 256, act_bits=8),
+        nn.GELU(),
+        triton_bq.TernaryLinear(256, 64, act_bits=4, granularity="row"),
+    ).cuda()
+    x = torch.randn(4, 32, 128, device="cuda")
+
+    def step(module):
+        module.zero_grad(set_to_none=True)
+        inputs = x.clone().requires_grad_()
+        y = module(inputs)
+        y.square().mean().backward()
+        return y.detach(), inputs.grad, [p.grad.clone() for p in model.parameters()]
+
+    # The eager step also initialises the LSQ step size (a data-dependent branch kept out of the graph).
+    eager = step(model)
+    compiled = step(torch.compile(model, fullgraph=fullgraph))
+    assert_matches(compiled[0], eager[0], torch.float32, "y")
+    assert_matches(compiled[1], eager[1], torch.float32, "grad_x")
+    for index, (got, wanted) in enumerate(zip(compiled[2], eager[2], strict=True)):
+        assert_matches(got, wanted, torch.float32, f"grad of parameter {index}")
