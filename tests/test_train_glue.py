@@ -1,0 +1,371 @@
+"""train/glue.py: stage planning, the training loop (keep-best, exact resume), and the script end to end.
+
+Everything runs on a tiny randomly initialised BERT with a WordPiece vocabulary written here (no download) and
+tiny CSV data. Script runs are subprocesses without ``TRITON_INTERPRET`` (interpreted kernels would be far too
+slow for training); ``HF_HUB_OFFLINE=1`` keeps them off the network.
+"""
+
+import csv
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+# train/ is a folder of scripts beside the package, not installed: import it from the checkout.
+sys.path.insert(0, str(REPO))
+
+from train import glue  # noqa: E402
+from train.metrics import compute_metrics  # noqa: E402
+
+SCRIPT = REPO / "train" / "glue.py"
+POSITIVE = ["good", "great", "nice", "happy", "love", "fine"]
+NEGATIVE = ["bad", "awful", "sad", "hate", "poor", "worst"]
+FILLER = ["the", "flight", "was", "movie", "food", "very", "really", "a", "it", "is"]
+DEV_SIZE = 33  # odd, so a 2-process evaluation that counted a padding duplicate would be visible
+
+
+def sentiment_rows(count, rng, flip=0.0):
+    """Sentences of filler and two sentiment words; a fraction ``flip`` of labels is wrong (noisy dev metrics)."""
+    rows = []
+    for _ in range(count):
+        label = rng.randint(0, 1)
+        words = rng.sample(FILLER, 4) + rng.sample(POSITIVE if label else NEGATIVE, 2)
+        rng.shuffle(words)
+        rows.append({"sentence": " ".join(words), "label": 1 - label if rng.random() < flip else label})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny BERT classifier folder (config, random weights, WordPiece tokenizer) and train/dev CSV files."""
+    root = tmp_path_factory.mktemp("tiny")
+    vocab_dir = root / "vocab"
+    vocab_dir.mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER]
+    (vocab_dir / "vocab.txt").write_text("\n".join(words) + "\n")
+    model_dir = root / "model"
+    tokenizer = BertTokenizerFast.from_pretrained(vocab_dir, do_lower_case=True)
+    assert tokenizer.tokenize("The flight was GOOD") == ["the", "flight", "was", "good"]
+    tokenizer.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=27, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertForSequenceClassification(config).save_pretrained(model_dir)
+    rng = random.Random(0)
+    files = {}
+    for name, count, flip in (("train", 96, 0.0), ("dev", DEV_SIZE, 0.2)):
+        files[name] = root / f"{name}.csv"
+        with open(files[name], "w", newline="") as handle:
+            writer = csv.DictWriter(handle, ["sentence", "label"])
+            writer.writeheader()
+            writer.writerows(sentiment_rows(count, rng, flip))
+    return {"model": str(model_dir), "train": str(files["train"]), "dev": str(files["dev"])}
+
+
+def tiny_argv(tiny, output_dir, *extra):
+    return [
+        "--model_name_or_path", tiny["model"], "--train_file", tiny["train"], "--validation_file", tiny["dev"],
+        "--output_dir", str(output_dir), "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
+        "--learning_rate", "3e-3", "--num_train_epochs", "4", "--logging_steps", "4", *extra,
+    ]
+
+
+def child_env():
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return env
+
+
+def run_script(args, launcher=(sys.executable,), timeout=240):
+    return subprocess.run([*launcher, str(SCRIPT), *args], cwd=REPO, env=child_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def dev_accuracy_of(model_dir, tiny):
+    """Accuracy of a saved model on the dev CSV, computed here in one process without the script."""
+    with open(tiny["dev"], newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    encoded = tokenizer([row["sentence"] for row in rows], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predictions = model(**encoded).logits.argmax(-1).numpy()
+    return compute_metrics(("accuracy",), predictions, [int(row["label"]) for row in rows])["accuracy"]
+
+
+# ---- planning and options (no training) ----
+
+
+def stage_names(*argv):
+    args = glue.parse_args(["--model_name_or_path", "unused", *argv])
+    glue.check_args(args)
+    return [stage.name for stage in glue.plan_stages(args)]
+
+
+def test_plan_stages_per_quant():
+    assert stage_names("--quant", "ternary") == ["teacher", "ternary_a8_hidden", "ternary_a8_logits"]
+    assert stage_names("--quant", "binary", "--act_bits", "4") == [
+        "teacher", "ternary_a4_hidden", "ternary_a4_logits", "tws_a4", "binary_a4_hidden", "binary_a4_logits",
+        "bwn_a4_hidden", "bwn_a4_logits",
+    ]
+    assert stage_names("--quant", "binary", "--no-bwn_baseline")[-1] == "binary_a8_logits"
+    assert stage_names("--quant", "bwn") == ["teacher", "bwn_a8_hidden", "bwn_a8_logits"]
+    assert stage_names("--quant", "binary", "--stop_after", "tws")[-1] == "tws_a8"
+    assert stage_names("--stop_after", "teacher") == ["teacher"]
+
+
+def test_plan_learning_rates_follow_the_recipe():
+    args = glue.parse_args(["--model_name_or_path", "unused", "--quant", "binary"])
+    glue.check_args(args)
+    rates = {stage.name: stage.learning_rate for stage in glue.plan_stages(args)}
+    assert rates["ternary_a8_hidden"] == pytest.approx(2.5e-5) and rates["ternary_a8_logits"] == pytest.approx(1e-5)
+    assert rates["binary_a8_hidden"] == pytest.approx(1.25e-4) and rates["binary_a8_logits"] == pytest.approx(5e-5)
+    assert rates["tws_a8"] == 0.0
+
+
+def test_offline_defaults():
+    args = glue.parse_args(["--model_name_or_path", "unused"])
+    glue.check_args(args)
+    assert (args.task, args.max_seq_length, args.max_train_samples, args.max_eval_samples) == (
+        "tweets", 64, glue.OFFLINE_MAX_TRAIN_SAMPLES, glue.OFFLINE_MAX_EVAL_SAMPLES
+    )
+    assert args.output_dir == os.path.join("runs", "tweets") and args.quant == "binary"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--num_train_epochs", "0"], r"--num_train_epochs must be >= 1, got 0"),
+        (["--learning_rate", "-1"], r"--learning_rate must be > 0, got -1.0"),
+        (["--warmup_ratio", "1.5"], r"--warmup_ratio must be in \[0, 1\), got 1.5"),
+        (["--checkpointing_steps", "-2"], r"--checkpointing_steps must be >= 0, got -2"),
+        (["--task", "nope"], r"--task must be one of"),
+        (["--quant", "bwn", "--stop_after", "tws"], r"--stop_after 'tws' names no stage of --quant bwn"),
+    ],
+)
+def test_bad_options_raise_value_error(argv, message):
+    args = glue.parse_args(["--model_name_or_path", "unused", *argv])
+    with pytest.raises(ValueError, match=message):
+        glue.check_args(args)
+        glue.plan_stages(args)
+
+
+# ---- the training loop, in process ----
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one thread, and far faster when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Interrupted(Exception):
+    """Raised by a loss function to simulate a killed run."""
+
+
+def soft_cross_entropy(outputs, teacher_outputs, batch):
+    # Logit distillation written here: the loop only needs a callable (the library provides the real losses).
+    return -(teacher_outputs.logits.softmax(-1) * outputs.logits.log_softmax(-1)).sum(-1).mean()
+
+
+def make_context(tiny, output_dir, *extra):
+    args = glue.parse_args(tiny_argv(tiny, output_dir, "--checkpointing_steps", "5", "--num_train_epochs", "2", *extra))
+    return glue.build_context(args)
+
+
+def saved_tensors(directory):
+    return load_file(str(Path(directory) / "model.safetensors"))
+
+
+def distill_once(tiny, output_dir, interrupt_at=None, resume=False):
+    """Run the distillation loop for one stage: a fresh student learns a teacher's logits."""
+    ctx, _ = make_context(tiny, output_dir, *(["--resume_from_checkpoint", "latest"] if resume else []))
+    stage = glue.Stage("student", "distill", "32-32-32", loss="logits", learning_rate=1e-3)
+    glue._start_partial(ctx, stage)
+    glue.set_seed(7)
+    teacher = glue.load_hf_model(ctx, tiny["model"])
+    student = glue.load_hf_model(ctx, tiny["model"])
+    calls = []
+
+    def loss_fn(outputs, teacher_outputs, batch):
+        calls.append(1)
+        if interrupt_at is not None and len(calls) == interrupt_at:
+            raise Interrupted
+        return soft_cross_entropy(outputs, teacher_outputs, batch)
+
+    record = glue.train_stage(ctx, stage, student, teacher=teacher, loss_fn=loss_fn,
+                              save_model=lambda model, directory: glue.save_hf_model(ctx, model, directory))
+    final = {name: tensor.detach().clone() for name, tensor in student.state_dict().items()}
+    return final, record, len(calls)
+
+
+def test_distillation_loop_keeps_best_and_resumes_exactly(tiny, tmp_path, one_thread):
+    straight_final, straight, straight_calls = distill_once(tiny, tmp_path / "straight")
+    assert straight["steps"] == straight_calls == 24
+    assert straight["tokens"] > 0 and straight["tokens_per_second"] > 0
+    assert straight["best_metrics"]["eval_samples"] == DEV_SIZE
+    best = tmp_path / "straight" / "student.partial" / glue.BEST_DIR
+    best_state = json.loads((best / glue.BEST_STATE_FILE).read_text())
+    assert best_state["step"] == straight["best_step"] and best_state["metrics"] == straight["best_metrics"]
+    assert dev_accuracy_of(best, tiny) == straight["best_metrics"]["accuracy"]
+
+    with pytest.raises(Interrupted):
+        distill_once(tiny, tmp_path / "resumed", interrupt_at=13)
+    checkpoint = glue._latest_checkpoint(tmp_path / "resumed" / "student.partial")
+    assert checkpoint.name == "step_10"
+    resumed_final, resumed, resumed_calls = distill_once(tiny, tmp_path / "resumed", resume=True)
+    assert resumed_calls == 14 and resumed["steps"] == 24
+    assert resumed["best_step"] == straight["best_step"] and resumed["best_metrics"] == straight["best_metrics"]
+    # Same final weights bit for bit: model, optimizer, schedule, data order and dropout RNG were all restored.
+    assert resumed_final.keys() == straight_final.keys()
+    for name in straight_final:
+        torch.testing.assert_close(resumed_final[name], straight_final[name], rtol=0, atol=0, msg=name)
+    expected = saved_tensors(best)
+    actual = saved_tensors(tmp_path / "resumed" / "student.partial" / glue.BEST_DIR)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+    assert not all(torch.equal(straight_final[name], expected[name]) for name in expected)
+
+
+def test_restart_without_resume_discards_the_partial_stage(tiny, tmp_path, one_thread):
+    with pytest.raises(Interrupted):
+        distill_once(tiny, tmp_path, interrupt_at=7)
+    assert glue._latest_checkpoint(tmp_path / "student.partial").name == "step_5"
+    _, record, calls = distill_once(tiny, tmp_path)
+    assert calls == record["steps"] == 24
+
+
+# ---- the script end to end (subprocesses) ----
+
+
+def read_done(output_dir, stage):
+    return json.loads((Path(output_dir) / stage / glue.DONE_FILE).read_text())
+
+
+@pytest.mark.slow
+def test_script_teacher_and_report(tiny, tmp_path):
+    output_dir = tmp_path / "run"
+    result = run_script(tiny_argv(tiny, output_dir, "--stop_after", "teacher"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    done = read_done(output_dir, "teacher")
+    assert done["steps"] == 48 and done["num_processes"] == 1 and done["bits"] == "32-32-32"
+    assert done["metrics"]["eval_samples"] == DEV_SIZE
+    stored = saved_tensors(output_dir / "teacher" / "best")
+    assert done["size_bytes"] == sum(tensor.numel() * tensor.element_size() for tensor in stored.values())
+    assert not (output_dir / "teacher.partial").exists() and not (output_dir / "teacher" / "checkpoints").exists()
+    assert 0.5 < done["metrics"]["accuracy"] < 1.0
+    assert dev_accuracy_of(output_dir / "teacher" / "best", tiny) == done["metrics"]["accuracy"]
+    report = json.loads((output_dir / "report.json").read_text())
+    assert [row["stage"] for row in report["rows"]] == ["teacher"]
+    assert report["rows"][0]["metrics"]["accuracy"] == done["metrics"]["accuracy"]
+    markdown = (output_dir / "report.md").read_text()
+    assert f"| teacher | 32-32-32 | {done['metrics']['accuracy'] * 100:.2f} |" in markdown
+    assert "| teacher | 32-32-32 |" in result.stdout
+
+    again = run_script(tiny_argv(tiny, output_dir, "--stop_after", "teacher"))
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "[teacher] finished earlier, skipped" in again.stdout
+    assert read_done(output_dir, "teacher") == done
+
+    changed = run_script(tiny_argv(tiny, output_dir, "--stop_after", "teacher", "--seed", "1"))
+    assert changed.returncode != 0
+    assert "holds stage 'teacher' finished with other settings (seed: finished with 42, now 1)" in changed.stderr
+
+    other_dir = tmp_path / "given_teacher"
+    given = run_script(tiny_argv(tiny, other_dir, "--stop_after", "teacher",
+                                 "--teacher_name_or_path", str(output_dir / "teacher" / "best")))
+    assert given.returncode == 0, given.stderr[-4000:]
+    loaded = read_done(other_dir, "teacher")
+    assert loaded["steps"] == 0 and loaded["metrics"] == done["metrics"]
+    assert loaded["model"] == str((output_dir / "teacher" / "best").resolve())
+
+
+@pytest.mark.slow
+def test_script_runs_every_quantized_stage(tiny, tmp_path):
+    output_dir = tmp_path / "run"
+    result = run_script(tiny_argv(tiny, output_dir, "--quant", "binary", "--num_train_epochs", "1"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((output_dir / "report.json").read_text())
+    finished = [row["stage"] for row in report["rows"]]
+    assert finished == ["teacher", "ternary_a8_hidden", "ternary_a8_logits", "tws_a8", "binary_a8_hidden",
+                        "binary_a8_logits", "bwn_a8_hidden", "bwn_a8_logits"]
+    assert all(row["size_mb"] < report["rows"][0]["size_mb"] for row in report["rows"][1:])
+    # Ternary weight splitting starts the binary student where the ternary one ended.
+    assert read_done(output_dir, "tws_a8")["metrics"] == read_done(output_dir, "ternary_a8_logits")["metrics"]
+
+
+@pytest.mark.slow
+def test_script_killed_mid_stage_resumes_from_checkpoint(tiny, tmp_path):
+    output_dir = tmp_path / "run"
+    argv = tiny_argv(tiny, output_dir, "--stop_after", "teacher", "--num_train_epochs", "10",
+                     "--checkpointing_steps", "10", "--evals_per_epoch", "1", "--logging_steps", "40")
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *argv], cwd=REPO, env=child_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = output_dir / "teacher.partial"
+    deadline = time.monotonic() + 180
+    while glue._latest_checkpoint(partial) is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    checkpoint = glue._latest_checkpoint(partial)
+    assert checkpoint is not None and not (output_dir / "teacher").exists()
+    step = int(checkpoint.name.removeprefix("step_"))
+    result = run_script([*argv, "--resume_from_checkpoint", "latest"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"[teacher] resumed from {checkpoint} at step {step}" in result.stdout
+    assert read_done(output_dir, "teacher")["steps"] == 120
+
+
+@pytest.mark.slow
+def test_two_processes_gloo(tiny, tmp_path):
+    output_dir = tmp_path / "run"
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port()))
+    result = run_script([*tiny_argv(tiny, output_dir, "--stop_after", "teacher"), "--cpu"], launcher=launcher)
+    assert result.returncode == 0, result.stderr[-4000:]
+    done = read_done(output_dir, "teacher")
+    assert done["num_processes"] == 2 and done["steps"] == 24
+    assert done["metrics"]["eval_samples"] == DEV_SIZE
+    assert dev_accuracy_of(output_dir / "teacher" / "best", tiny) == done["metrics"]["accuracy"]
+    assert result.stdout.count("| teacher | 32-32-32 |") == 1
+
+
+@pytest.mark.slow
+def test_accelerate_launch_cpu_flag(tiny, tmp_path):
+    output_dir = tmp_path / "run"
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port()))
+    result = run_script(tiny_argv(tiny, output_dir, "--stop_after", "teacher"), launcher=launcher)
+    assert result.returncode == 0, result.stderr[-4000:]
+    processes = read_done(output_dir, "teacher")["num_processes"]
+    # accelerate starts one process for --cpu without MPI; the script then says how to get several.
+    assert processes == 2 or "warning: one process only" in result.stdout

@@ -1,0 +1,1 @@
+"""The BinaryBERT / TernaryBERT training pipeline: ``glue.py`` (the Accelerate script), its data and metrics."""
