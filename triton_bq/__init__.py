@@ -6,28 +6,73 @@ Public API (everything else is private):
 - Module swap: ``QuantConfig``, ``quantize_``, ``dequantize_``.
 - Functional ops: ``quant_linear``, ``quant_embedding``.
 - Loss-aware ternarization: ``attach_optimizer``.
-- The pure-PyTorch reference quantizers: ``triton_bq.reference``.
+- Ternary weight splitting (BinaryBERT): ``split_ternary_to_binary``, ``SplitBinaryLinear``,
+  ``SplitBinaryEmbedding``; adaptive splitting: ``split_candidates``, ``split_costs``,
+  ``measure_split_sensitivity``, ``choose_splits``.
+- Distillation: ``DistillationLoss``, ``distill_loss``, ``record_attention_scores``, ``capture_attention_scores``.
+- True size and packed inference: ``model_size_report``, ``pack_model``, ``save_packed``, ``load_packed``,
+  ``PackedLinear``, ``PackedSplitLinear``, ``PackedEmbedding``, ``packed_linear``.
+- Modules for the details: ``triton_bq.reference`` (pure-PyTorch quantizers, the single source of truth),
+  ``triton_bq.splitting``, ``triton_bq.distill``, ``triton_bq.size``, ``triton_bq.packing`` (bit formats).
 """
 
 from triton_bq import reference
 from triton_bq.convert import QuantConfig, dequantize_, quantize_
+from triton_bq.distill import DistillationLoss, capture_attention_scores, distill_loss, record_attention_scores
 from triton_bq.functional import quant_embedding, quant_linear
 from triton_bq.modules import BinaryLinear, QuantEmbedding, QuantLinear, TernaryLinear
+from triton_bq.modules_split import SplitBinaryEmbedding, SplitBinaryLinear
+from triton_bq.packed import (
+    PackedEmbedding,
+    PackedLinear,
+    PackedSplitLinear,
+    load_packed,
+    pack_model,
+    packed_linear,
+    save_packed,
+)
 from triton_bq.quantizers import ActQuantizer, attach_optimizer
+from triton_bq.size import model_size_report
+from triton_bq.splitting import (
+    choose_splits,
+    measure_split_sensitivity,
+    split_candidates,
+    split_costs,
+    split_ternary_to_binary,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActQuantizer",
     "BinaryLinear",
+    "DistillationLoss",
+    "PackedEmbedding",
+    "PackedLinear",
+    "PackedSplitLinear",
     "QuantConfig",
     "QuantEmbedding",
     "QuantLinear",
+    "SplitBinaryEmbedding",
+    "SplitBinaryLinear",
     "TernaryLinear",
     "attach_optimizer",
+    "capture_attention_scores",
+    "choose_splits",
     "dequantize_",
+    "distill_loss",
+    "load_packed",
+    "measure_split_sensitivity",
+    "model_size_report",
+    "pack_model",
+    "packed_linear",
     "quant_embedding",
     "quant_linear",
     "quantize_",
+    "record_attention_scores",
     "reference",
+    "save_packed",
+    "split_candidates",
+    "split_costs",
+    "split_ternary_to_binary",
 ]
