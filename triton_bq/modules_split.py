@@ -25,7 +25,40 @@ from triton_bq.modules import BinaryLinear, QuantEmbedding
 __all__ = ["SplitBinaryLinear", "SplitBinaryEmbedding"]
 
 
-class SplitBinaryLinear(nn.Module):
+class _SplitHalves(nn.Module):
+    """Two binary halves ``half1``, ``half2`` applied to the same input and summed."""
+
+    weight_method = "bwn"
+
+    @classmethod
+    def _assemble(cls, half1: nn.Module, half2: nn.Module, **attributes):
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        for name, value in attributes.items():
+            setattr(module, name, value)
+        module.half1, module.half2 = half1, half2
+        module.train(half1.training)
+        return module
+
+    @property
+    def weight1(self) -> nn.Parameter:
+        """Latent weight of the first half."""
+        return self.half1.weight
+
+    @property
+    def weight2(self) -> nn.Parameter:
+        """Latent weight of the second half."""
+        return self.half2.weight
+
+    def halves(self) -> tuple[nn.Module, nn.Module]:
+        """The two binary halves ``(half1, half2)``."""
+        return self.half1, self.half2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.half1(x) + self.half2(x)
+
+
+class SplitBinaryLinear(_SplitHalves):
     """Two ``BinaryLinear`` halves on the same input, summed: ``y = half1(x) + half2(x)``.
 
     Built by ``triton_bq.splitting.split_ternary_to_binary`` from a ``TernaryLinear`` so that, at the split,
@@ -41,8 +74,6 @@ class SplitBinaryLinear(nn.Module):
     ``weight_method`` is ``"bwn"``, ``granularity`` the scale granularity of both, ``bias1 + bias2`` the bias,
     ``half1.act_quantizer``/``half2.act_quantizer`` the two input quantizers.
     """
-
-    weight_method = "bwn"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, **options):
         super().__init__()
@@ -66,22 +97,7 @@ class SplitBinaryLinear(nn.Module):
                 f"half1 and half2 must share granularity and ste, got {(half1.granularity, half1.ste)} and "
                 f"{(half2.granularity, half2.ste)}"
             )
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module.in_features, module.out_features = half1.in_features, half1.out_features
-        module.half1, module.half2 = half1, half2
-        module.train(half1.training)
-        return module
-
-    @property
-    def weight1(self) -> nn.Parameter:
-        """Latent weight of the first half."""
-        return self.half1.weight
-
-    @property
-    def weight2(self) -> nn.Parameter:
-        """Latent weight of the second half."""
-        return self.half2.weight
+        return cls._assemble(half1, half2, in_features=half1.in_features, out_features=half1.out_features)
 
     @property
     def bias1(self) -> nn.Parameter | None:
@@ -98,10 +114,6 @@ class SplitBinaryLinear(nn.Module):
         """Scale granularity of both halves (that of the ternary layer they were split from)."""
         return self.half1.granularity
 
-    def halves(self) -> tuple[nn.Module, nn.Module]:
-        """The two binary halves ``(half1, half2)``."""
-        return self.half1, self.half2
-
     def merged_bias(self) -> torch.Tensor | None:
         """``bias1 + bias2`` (detached): the single bias an exported layer needs."""
         if self.half1.bias is None:
@@ -112,21 +124,17 @@ class SplitBinaryLinear(nn.Module):
         """``(BWN(W1), BWN(W2))`` as materialized copies (inspection and export)."""
         return self.half1.quantized_weight(), self.half2.quantized_weight()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.half1(x) + self.half2(x)
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, split=2 x bwn"
 
 
-class SplitBinaryEmbedding(nn.Module):
+class SplitBinaryEmbedding(_SplitHalves):
     """Two row-wise binary ``QuantEmbedding`` tables, looked up with the same ids and summed.
 
     Built by ``triton_bq.splitting.split_ternary_to_binary`` from a ternary ``QuantEmbedding`` (rows split one by
     one), or empty to load a state dict. ``weight1``/``weight2`` are the latent tables.
     """
 
-    weight_method = "bwn"
     granularity = "row"
 
     def __init__(
@@ -156,30 +164,8 @@ class SplitBinaryEmbedding(nn.Module):
                 f"half1 and half2 must have the same shape and padding_idx, got {tuple(half1.weight.shape)}, "
                 f"{half1.padding_idx} and {tuple(half2.weight.shape)}, {half2.padding_idx}"
             )
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module.num_embeddings, module.embedding_dim = half1.num_embeddings, half1.embedding_dim
-        module.padding_idx = half1.padding_idx
-        module.half1, module.half2 = half1, half2
-        module.train(half1.training)
-        return module
-
-    @property
-    def weight1(self) -> nn.Parameter:
-        """Latent table of the first half."""
-        return self.half1.weight
-
-    @property
-    def weight2(self) -> nn.Parameter:
-        """Latent table of the second half."""
-        return self.half2.weight
-
-    def halves(self) -> tuple[nn.Module, nn.Module]:
-        """The two binary halves ``(half1, half2)``."""
-        return self.half1, self.half2
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.half1(input_ids) + self.half2(input_ids)
+        return cls._assemble(half1, half2, num_embeddings=half1.num_embeddings, embedding_dim=half1.embedding_dim,
+                             padding_idx=half1.padding_idx)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, split=2 x bwn"
