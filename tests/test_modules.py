@@ -158,6 +158,10 @@ def test_backend_resolution():
 def test_auto_backend_uses_triton_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_backend("auto", torch.zeros(1)) == "triton"
+    for dtype in (torch.bfloat16, torch.float16):
+        assert resolve_backend("auto", torch.zeros(1, dtype=dtype)) == "triton"
+    # The kernels take fp32/bf16/fp16 only: float64 (gradient checks) goes to the reference.
+    assert resolve_backend("auto", torch.zeros(1, dtype=torch.float64)) == "reference"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert resolve_backend("auto", torch.zeros(1)) == "reference"
 
@@ -204,3 +208,28 @@ def test_functional_rejects_bad_input(kwargs, error, match):
     x, weight = args.pop("x"), args.pop("weight")
     with pytest.raises(error, match=match):
         triton_bq.quant_linear(x, weight, **args)
+
+
+def test_torch_compile_fullgraph_on_the_reference_backend():
+    """Dynamo captures the layers whole (no graph break), forward and backward; the GPU test covers the kernels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        triton_bq.BinaryLinear(64, 96, act_bits=8, backend="reference"),
+        nn.GELU(),
+        triton_bq.TernaryLinear(96, 32, act_bits=4, granularity="row", backend="reference"),
+    )
+    x = torch.randn(4, 8, 64)
+
+    def step(module):
+        model.zero_grad(set_to_none=True)
+        inputs = x.clone().requires_grad_()
+        y = module(inputs)
+        y.square().mean().backward()
+        return [y.detach(), inputs.grad] + [parameter.grad.clone() for parameter in model.parameters()]
+
+    # The eager step initialises the LSQ step size (data-dependent, kept out of the graph).
+    eager = step(model)
+    compiled = step(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    assert len(compiled) == len(eager) == 2 + len(list(model.parameters()))
+    for got, wanted in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, wanted, rtol=1e-6, atol=1e-6)
