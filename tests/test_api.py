@@ -33,6 +33,7 @@ PUBLIC = {
     "record_attention_scores",
     "reference",
     "save_packed",
+    "shrink_width_",
     "split_candidates",
     "split_costs",
     "split_ternary_to_binary",

@@ -161,6 +161,7 @@ def test_offline_defaults():
         (["--num_train_epochs", "0"], r"--num_train_epochs must be >= 1, got 0"),
         (["--learning_rate", "-1"], r"--learning_rate must be > 0, got -1.0"),
         (["--warmup_ratio", "1.5"], r"--warmup_ratio must be in \[0, 1\), got 1.5"),
+        (["--ternary_width", "0"], r"--ternary_width must be in \(0, 1\], got 0.0"),
         (["--checkpointing_steps", "-2"], r"--checkpointing_steps must be >= 0, got -2"),
         (["--task", "nope"], r"--task must be one of"),
         (["--quant", "bwn", "--stop_after", "tws"], r"--stop_after 'tws' names no stage of --quant bwn"),
@@ -286,7 +287,7 @@ def test_script_teacher_and_report(tiny, tmp_path):
     assert [row["stage"] for row in report["rows"]] == ["teacher"]
     assert report["rows"][0]["metrics"]["accuracy"] == done["metrics"]["accuracy"]
     markdown = (output_dir / "report.md").read_text()
-    assert f"| teacher | 32-32-32 | {done['metrics']['accuracy'] * 100:.2f} |" in markdown
+    assert f"| teacher | 32-32-32 | 1 | {done['metrics']['accuracy'] * 100:.2f} |" in markdown
     assert "| teacher | 32-32-32 |" in result.stdout
 
     again = run_script(tiny_argv(tiny, output_dir, "--stop_after", "teacher"))
@@ -317,6 +318,12 @@ def test_script_runs_every_quantized_stage(tiny, tmp_path):
     assert finished == ["teacher", "ternary_a8_hidden", "ternary_a8_logits", "tws_a8", "binary_a8_hidden",
                         "binary_a8_logits", "bwn_a8_hidden", "bwn_a8_logits"]
     assert all(row["size_mb"] < report["rows"][0]["size_mb"] for row in report["rows"][1:])
+    # The ternary student (and the binary one split from it) keeps half the heads and FFN neurons; BWN does not.
+    assert [row["width"] for row in report["rows"]] == [1.0] + [0.5] * 5 + [1.0] * 2
+    quantization = json.loads((output_dir / "binary_a8_logits" / "best" / "quantization.json").read_text())
+    assert quantization["split"] and quantization["width"] == 0.5
+    assert [len(kept["heads"]) for kept in quantization["width_plan"].values()] == [1, 1]
+    assert [len(kept["neurons"]) for kept in quantization["width_plan"].values()] == [32, 32]
     # Ternary weight splitting starts the binary student where the ternary one ended.
     assert read_done(output_dir, "tws_a8")["metrics"] == read_done(output_dir, "ternary_a8_logits")["metrics"]
 

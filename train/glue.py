@@ -5,7 +5,9 @@ One run trains a sequence of stages, each in its own directory under ``--output_
 1. ``teacher``: fine-tune the full-precision model on the task (or load ``--teacher_name_or_path``).
 2. ``ternary_a{8,4}_hidden`` then ``ternary_a{8,4}_logits``: a ternary (TWN) student distilled from the teacher,
    first on hidden states and pre-softmax attention scores (learning rate x ``--hidden_lr_multiplier``), then on
-   logits only, starting from the best checkpoint of the first sub-stage (TernaryBERT, W-E-A 2-2-8).
+   logits only, starting from the best checkpoint of the first sub-stage (TernaryBERT, W-E-A 2-2-8). The student
+   keeps half of the teacher's attention heads and FFN neurons (``--ternary_width 0.5``, ``triton_bq.width``), so
+   that after splitting the binary model has as many 1-bit weights as a full-width binary BERT (BinaryBERT).
 3. ``tws_a{8,4}``: ternary weight splitting turns the ternary student into a binary one that computes the same
    function (no training).
 4. ``binary_a{8,4}_hidden`` then ``binary_a{8,4}_logits``: the split binary student distilled the same way
@@ -88,6 +90,7 @@ from triton_bq import QuantConfig, quantize_
 from triton_bq.distill import attention_scores_loss, hidden_states_loss, logits_loss, record_attention_scores
 from triton_bq.packing import packed_size_bytes
 from triton_bq.splitting import split_ternary_to_binary
+from triton_bq.width import kept_heads, shrink_width_, supports_width
 
 if __package__ in (None, ""):
     # Run as a script (python train/glue.py, accelerate launch train/glue.py): make `train` importable.
@@ -114,7 +117,7 @@ FINGERPRINT_KEYS = (
     "task", "model_name_or_path", "teacher_name_or_path", "train_file", "validation_file", "text_columns",
     "label_column", "max_seq_length", "max_train_samples", "max_eval_samples", "num_train_epochs", "learning_rate",
     "ternary_learning_rate", "binary_learning_rate", "hidden_lr_multiplier", "per_device_train_batch_size",
-    "weight_decay", "warmup_ratio", "max_grad_norm", "evals_per_epoch", "seed", "mixed_precision",
+    "weight_decay", "warmup_ratio", "max_grad_norm", "evals_per_epoch", "seed", "mixed_precision", "ternary_width",
 )
 
 
@@ -167,6 +170,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="ternary: TernaryBERT (2-2-A); binary: BinaryBERT via ternary weight splitting "
                             "(1-1-A); bwn: binary directly from the teacher. Default: binary")
     model.add_argument("--act_bits", type=int, choices=(8, 4), default=8, help="activation bits A. Default: 8")
+    model.add_argument("--ternary_width", type=float, default=0.5,
+                       help="fraction of the teacher's attention heads and FFN neurons the ternary student keeps "
+                            "(BinaryBERT splits a half-width ternary model; triton_bq.width). Full width when the "
+                            "teacher's layers do not divide. Default: 0.5")
     model.add_argument("--bwn_baseline", action=argparse.BooleanOptionalAction, default=True,
                        help="with --quant binary, also train the BWN-direct baseline. Default: on")
     model.add_argument("--stop_after", choices=STAGE_PREFIXES, default=None,
@@ -234,6 +241,8 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if not value > 0:
             raise ValueError(f"--{name} must be > 0, got {value}")
+    if not 0 < args.ternary_width <= 1:
+        raise ValueError(f"--ternary_width must be in (0, 1], got {args.ternary_width}")
     if not 0 <= args.warmup_ratio < 1:
         raise ValueError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
     if args.weight_decay < 0 or args.max_grad_norm <= 0:
@@ -690,6 +699,8 @@ def load_student(directory: Path) -> nn.Module:
     quantization = json.loads((directory / QUANT_FILE).read_text())
     config = transformers.AutoConfig.from_pretrained(directory)
     model = AutoModelForSequenceClassification.from_config(config)
+    if quantization.get("width_plan"):
+        shrink_width_(model, quantization["width_plan"])
     quantize_(model, QuantConfig(weight_method=quantization["weight_method"], act_bits=quantization["act_bits"]))
     if quantization.get("split"):
         split_ternary_to_binary(model)
@@ -711,8 +722,16 @@ def run_distill(ctx: Context, stage: Stage) -> dict:
     teacher = load_hf_model(ctx, teacher_model_path(ctx), attn_implementation="eager")
     if init_quantization is None:
         student = load_hf_model(ctx, teacher_model_path(ctx), attn_implementation="eager")
+        width, plan = 1.0, None
+        if stage.weight_method == "twn" and args.ternary_width < 1:
+            if supports_width(student, args.ternary_width):
+                width, plan = args.ternary_width, shrink_width_(student, args.ternary_width)
+            else:
+                accelerator.print(f"[{stage.name}] the teacher's layers do not divide at --ternary_width "
+                                  f"{args.ternary_width}: the ternary student keeps the full width")
         quantize_(student, QuantConfig(weight_method=stage.weight_method, act_bits=args.act_bits))
-        quantization = {"weight_method": stage.weight_method, "act_bits": args.act_bits, "split": False}
+        quantization = {"weight_method": stage.weight_method, "act_bits": args.act_bits, "split": False,
+                        "width": width, "width_plan": plan}
     else:
         student = load_student(ctx.stage_dir(stage.init_from) / BEST_DIR)
         quantization = init_quantization
@@ -720,12 +739,17 @@ def run_distill(ctx: Context, stage: Stage) -> dict:
         teacher_attention = record_attention_scores(teacher)
         student_attention = record_attention_scores(student)
         forward_kwargs = {"output_hidden_states": True}
+        # A narrower student is compared with the teacher's heads it kept.
+        plan = quantization.get("width_plan")
+        teacher_heads = [None] * len(teacher_attention) if not plan else [
+            torch.tensor(heads, device=accelerator.device) for heads in kept_heads(teacher, plan)
+        ]
 
         def loss_fn(outputs, teacher_outputs, batch):
             hidden = hidden_states_loss(outputs.hidden_states, teacher_outputs.hidden_states)
-            attention = attention_scores_loss(
-                [module.scores for module in student_attention], [module.scores for module in teacher_attention]
-            )
+            teacher_scores = [module.scores if heads is None else module.scores.index_select(1, heads)
+                              for module, heads in zip(teacher_attention, teacher_heads, strict=True)]
+            attention = attention_scores_loss([module.scores for module in student_attention], teacher_scores)
             return hidden + attention
     else:
         forward_kwargs = {}
@@ -738,7 +762,8 @@ def run_distill(ctx: Context, stage: Stage) -> dict:
         save_model=lambda unwrapped, directory: save_student(unwrapped, directory, quantization),
     )
     best = load_student(ctx.partial_dir(stage.name) / BEST_DIR)
-    record.update(model=BEST_DIR, metrics=record["best_metrics"], size_bytes=packed_size_bytes(best))
+    record.update(model=BEST_DIR, metrics=record["best_metrics"], size_bytes=packed_size_bytes(best),
+                  width=quantization.get("width", 1.0))
     accelerator.free_memory()
     return _finish_stage(ctx, stage, record, started)
 
@@ -764,6 +789,7 @@ def run_split(ctx: Context, stage: Stage) -> dict:
     size = packed_size_bytes(model)
     metrics = evaluate_model(ctx, model.to(accelerator.device))
     record = {"model": BEST_DIR, "metrics": metrics, "ternary_metrics": ternary["metrics"], "best_step": 0,
+              "width": quantization.get("width", 1.0),
               "steps": 0, "tokens": 0, "train_seconds": 0.0, "tokens_per_second": 0.0, "size_bytes": size}
     return _finish_stage(ctx, stage, record, started)
 
@@ -806,6 +832,7 @@ def build_report(ctx: Context, stages: list[Stage], wall_seconds: float) -> dict
         rows.append({
             "stage": name,
             "bits": done["bits"],
+            "width": done.get("width", 1.0),
             "metrics": {k: v for k, v in done["metrics"].items() if k != "eval_samples"},
             "eval_samples": done["metrics"].get("eval_samples"),
             "size_mb": done["size_bytes"] / 1e6,
@@ -838,7 +865,7 @@ def build_report(ctx: Context, stages: list[Stage], wall_seconds: float) -> dict
 def format_report(report: dict) -> str:
     """The report as a markdown table."""
     metrics = report["metrics"]
-    header = ["stage", "W-E-A", *metrics, "size MB", "x smaller", "steps", "train s", "wall s", "tokens/s"]
+    header = ["stage", "W-E-A", "width", *metrics, "size MB", "x smaller", "steps", "train s", "wall s", "tokens/s"]
     lines = [
         f"# {report['task']}: {report['quant']} pipeline ({report['model']})",
         "",
@@ -850,7 +877,8 @@ def format_report(report: dict) -> str:
     ]
     for row in report["rows"]:
         compression = "" if row["compression"] is None else f"{row['compression']:.1f}"
-        cells = [row["stage"], row["bits"], *(f"{row['metrics'].get(m, math.nan) * 100:.2f}" for m in metrics),
+        scores = [f"{row['metrics'].get(m, math.nan) * 100:.2f}" for m in metrics]
+        cells = [row["stage"], row["bits"], f"{row['width']:g}", *scores,
                  f"{row['size_mb']:.2f}", compression, str(row["steps"]), f"{row['train_seconds']:.0f}",
                  f"{row['wall_seconds']:.0f}", f"{row['tokens_per_second']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")

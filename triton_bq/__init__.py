@@ -9,11 +9,13 @@ Public API (everything else is private):
 - Ternary weight splitting (BinaryBERT): ``split_ternary_to_binary``, ``SplitBinaryLinear``,
   ``SplitBinaryEmbedding``; adaptive splitting: ``split_candidates``, ``split_costs``,
   ``measure_split_sensitivity``, ``choose_splits``.
+- Half-width students (heads and FFN neurons kept by importance): ``shrink_width_``.
 - Distillation: ``DistillationLoss``, ``distill_loss``, ``record_attention_scores``, ``capture_attention_scores``.
 - True size and packed inference: ``model_size_report``, ``pack_model``, ``save_packed``, ``load_packed``,
   ``PackedLinear``, ``PackedSplitLinear``, ``PackedEmbedding``, ``packed_linear``.
 - Modules for the details: ``triton_bq.reference`` (pure-PyTorch quantizers, the single source of truth),
-  ``triton_bq.splitting``, ``triton_bq.distill``, ``triton_bq.size``, ``triton_bq.packing`` (bit formats).
+  ``triton_bq.splitting``, ``triton_bq.width``, ``triton_bq.distill``, ``triton_bq.size``,
+  ``triton_bq.packing`` (bit formats).
 """
 
 from triton_bq import reference
@@ -40,6 +42,7 @@ from triton_bq.splitting import (
     split_costs,
     split_ternary_to_binary,
 )
+from triton_bq.width import shrink_width_
 
 __version__ = "0.1.0"
 
@@ -72,6 +75,7 @@ __all__ = [
     "record_attention_scores",
     "reference",
     "save_packed",
+    "shrink_width_",
     "split_candidates",
     "split_costs",
     "split_ternary_to_binary",

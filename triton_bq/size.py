@@ -290,6 +290,7 @@ def model_size_report_from_config(
     *,
     quant_config=None,
     split: bool | Iterable[str] = False,
+    width: float = 1.0,
     model_factory: Callable | None = None,
 ) -> SizeReport:
     """``model_size_report`` of a model built from a Hugging Face config on the meta device (no weights allocated).
@@ -299,6 +300,8 @@ def model_size_report_from_config(
         quant_config: a ``triton_bq.QuantConfig`` applied with ``triton_bq.quantize_`` (``None``: full precision).
         split: ``True`` applies full ternary weight splitting (``split_ternary_to_binary``); an iterable of module or
             candidate names splits those and binarizes the other ternary layers; ``False`` leaves the model as is.
+        width: keep this fraction of the attention heads and FFN neurons of every layer first
+            (``triton_bq.width.shrink_width_``; BinaryBERT splits a half-width ternary model: ``width=0.5``).
         model_factory: ``config -> model``; default ``transformers.AutoModelForSequenceClassification.from_config``.
     """
     from triton_bq.convert import quantize_
@@ -310,6 +313,10 @@ def model_size_report_from_config(
         model_factory = transformers.AutoModelForSequenceClassification.from_config
     with torch.device("meta"):
         model = model_factory(config)
+    if width != 1.0:
+        from triton_bq.width import shrink_width_
+
+        shrink_width_(model, width)
     if quant_config is not None:
         quantize_(model, quant_config)
     if split is True:

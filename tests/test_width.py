@@ -1,0 +1,157 @@
+"""Narrow students: head / FFN-neuron selection, exactness of the shrink, plans on saved models, sizes."""
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import triton_bq
+from triton_bq.size import model_size_report_from_config
+from triton_bq.width import bert_layers, kept_heads, shrink_width_, supports_width, width_plan
+
+TINY = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            max_position_embeddings=32, num_labels=3, attn_implementation="eager")
+HEAD_SIZE = 8
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(transformers.BertConfig(**TINY)).eval()
+
+
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    return dict(input_ids=torch.randint(0, 50, (3, 9), generator=generator), attention_mask=mask)
+
+
+def test_plan_ranks_heads_and_neurons_by_their_weight_path_norms():
+    model = tiny_bert()
+    layer = model.bert.encoder.layer[1]
+    with torch.no_grad():
+        # Head 3 carries the largest V/O norms, head 0 the next; neuron 40 and neuron 2 dominate the FFN.
+        layer.attention.self.value.weight[3 * HEAD_SIZE : 4 * HEAD_SIZE] *= 10
+        layer.attention.output.dense.weight[:, 0:HEAD_SIZE] *= 5
+        layer.intermediate.dense.weight[40] *= 10
+        layer.output.dense.weight[:, 2] *= 10
+    plan = width_plan(model, 0.5)
+    assert list(plan) == ["bert.encoder.layer.0", "bert.encoder.layer.1"]
+    assert plan["bert.encoder.layer.1"]["heads"] == [0, 3]
+    neurons = plan["bert.encoder.layer.1"]["neurons"]
+    assert {2, 40} <= set(neurons) and len(neurons) == 24
+    assert plan == json.loads(json.dumps(plan))
+    # By hand, for layer 0: ||W_V[h]||_F * ||W_O[:, h]||_F, the two largest.
+    layer = model.bert.encoder.layer[0]
+    value = layer.attention.self.value.weight.detach().reshape(4, HEAD_SIZE, 32)
+    output = layer.attention.output.dense.weight.detach().reshape(32, 4, HEAD_SIZE)
+    importance = [value[h].norm() * output[:, h].norm() for h in range(4)]
+    assert plan["bert.encoder.layer.0"]["heads"] == sorted(sorted(range(4), key=lambda h: -importance[h])[:2])
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "ternary"])
+def test_shrunk_model_equals_the_full_model_without_the_dropped_heads_and_neurons(quantized):
+    full = tiny_bert()
+    plan = width_plan(full, 0.5)
+    narrow = copy.deepcopy(full)
+    assert shrink_width_(narrow, plan) == plan
+    masked = copy.deepcopy(full)
+    with torch.no_grad():
+        for name, layer in bert_layers(masked):
+            for head in set(range(4)) - set(plan[name]["heads"]):
+                layer.attention.output.dense.weight[:, head * HEAD_SIZE : (head + 1) * HEAD_SIZE] = 0
+            for neuron in set(range(48)) - set(plan[name]["neurons"]):
+                layer.output.dense.weight[:, neuron] = 0
+    attention = narrow.bert.encoder.layer[0].attention
+    assert attention.self.query.weight.shape == (16, 32) and attention.output.dense.weight.shape == (32, 16)
+    assert narrow.bert.encoder.layer[0].intermediate.dense.weight.shape == (24, 32)
+    assert narrow.bert.encoder.layer[0].output.dense.weight.shape == (32, 24)
+    assert attention.self.num_attention_heads == 2
+    if quantized:
+        # Quantized after the shrink, the narrow model keeps working (TWN scales of the kept weights).
+        config = triton_bq.QuantConfig(weight_method="twn", act_bits=None, quantize_attention=False,
+                                       backend="reference")
+        triton_bq.quantize_(narrow, config)
+        triton_bq.quantize_(masked, config)
+        with torch.no_grad():
+            assert narrow(**batch()).logits.shape == (3, 3)
+        return
+    with torch.no_grad():
+        torch.testing.assert_close(narrow(**batch()).logits, masked(**batch()).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_a_saved_plan_rebuilds_the_narrow_model_for_its_state_dict():
+    narrow = tiny_bert()
+    plan = json.loads(json.dumps(shrink_width_(narrow, 0.5)))
+    rebuilt = transformers.BertForSequenceClassification(transformers.BertConfig(**TINY)).eval()
+    shrink_width_(rebuilt, plan)
+    rebuilt.load_state_dict(narrow.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(**batch()).logits, narrow(**batch()).logits)
+
+
+def test_kept_heads_select_the_teachers_scores_in_model_order():
+    teacher, student = tiny_bert(), tiny_bert()
+    plan = shrink_width_(student, 0.5)
+    heads = kept_heads(teacher, plan)
+    with triton_bq.capture_attention_scores(teacher) as t, triton_bq.capture_attention_scores(student) as s:
+        with torch.no_grad():
+            teacher(**batch())
+            student(**batch())
+        for index, (student_scores, teacher_scores) in enumerate(zip(s.scores, t.scores, strict=True)):
+            assert student_scores.shape[1] == 2
+            # Layer 0 receives the same input in both models, so its kept heads' scores are equal.
+            if index == 0:
+                torch.testing.assert_close(student_scores, teacher_scores[:, heads[0]])
+    assert kept_heads(student, plan) == heads
+
+
+def test_narrow_split_binary_model_exports_and_reloads_packed(tmp_path):
+    model = tiny_bert()
+    shrink_width_(model, 0.5)
+    triton_bq.quantize_(model, triton_bq.QuantConfig(weight_method="twn", backend="reference"))
+    triton_bq.split_ternary_to_binary(model)
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch()).logits
+    triton_bq.save_packed(model, tmp_path)
+    loaded = triton_bq.load_packed(tmp_path, backend="reference")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch()).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_half_width_bert_base_sizes():
+    """BERT-base: the binary model split from the half-width ternary one has as many weights as BERT-base."""
+    config = transformers.BertConfig(num_labels=2)
+    quant = triton_bq.QuantConfig(weight_method="twn")
+    ternary = model_size_report_from_config(config, quant_config=quant, width=0.5)
+    binary = model_size_report_from_config(config, quant_config=quant, split=True, width=0.5)
+    full_binary = model_size_report_from_config(config, quant_config=triton_bq.QuantConfig(weight_method="bwn"))
+    layers, pooler, embedding = 12 * (4 * 768 * 768 + 2 * 768 * 3072), 768 * 768, 30522 * 768
+    # Heads and FFN neurons halve; the pooler and the word embedding keep their width (and are split too).
+    assert ternary.components()["ternary weights"]["numel"] == layers // 2 + pooler + embedding
+    assert binary.components()["binary weights"]["numel"] == layers + 2 * (pooler + embedding)
+    assert full_binary.components()["binary weights"]["numel"] == layers + pooler + embedding
+    assert round(binary.stored_bytes / 2**20, 2) == 17.94 and round(ternary.stored_bytes / 2**20, 2) == 17.83
+
+
+def test_bad_widths_and_plans_are_named():
+    model = tiny_bert()
+    assert supports_width(model, 0.5) and supports_width(model, 0.25) and not supports_width(model, 0.3)
+    for width in (0, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="width"):
+            supports_width(model, width)
+    with pytest.raises(ValueError, match="width=0.3"):
+        width_plan(model, 0.3)
+    with pytest.raises(ValueError, match="width=0.5 does not apply to Sequential"):
+        width_plan(nn.Sequential(nn.Linear(4, 4)), 0.5)
+    plan = width_plan(model, 0.5)
+    broken = copy.deepcopy(plan)
+    broken["bert.encoder.layer.0"]["heads"] = [0, 4]
+    with pytest.raises(ValueError, match=r"\['heads'\] must be distinct indices in \[0, 4\), got \[0, 4\]"):
+        shrink_width_(copy.deepcopy(model), broken)
+    with pytest.raises(ValueError, match="the plan names layers"):
+        shrink_width_(copy.deepcopy(model), {"bert.encoder.layer.0": plan["bert.encoder.layer.0"]})
