@@ -3,28 +3,11 @@
 import pytest
 import torch
 import transformers
+from tiny_bert import bert_inputs, tiny_bert
 from torch import nn
 
 import triton_bq
 from triton_bq.attention import QuantSelfAttentionMixin, quantize_attention
-
-
-def tiny_bert(seed=0, num_labels=2):
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-        max_position_embeddings=32, num_labels=num_labels, attn_implementation="eager",
-    )
-    return transformers.BertForSequenceClassification(config).eval()
-
-
-def bert_inputs(seed=1):
-    torch.manual_seed(seed)
-    ids = torch.randint(1, 64, (3, 10))
-    mask = torch.ones_like(ids)
-    mask[0, 7:] = 0
-    mask[2, 4:] = 0
-    return dict(input_ids=ids, attention_mask=mask)
 
 
 def test_disabled_quantization_keeps_outputs_identical():

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-import transformers
+from tiny_bert import bert_inputs, tiny_bert
 
 import triton_bq
 from triton_bq.attention import QuantSelfAttentionMixin
@@ -131,24 +131,6 @@ def test_distill_loss_errors():
         DistillationLoss(0, 0, 0)
     with pytest.raises(ValueError, match="temperature"):
         soft_cross_entropy(torch.zeros(1, 2), torch.zeros(1, 2), 0.0)
-
-
-def tiny_bert(seed=0, attn_implementation="eager"):
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-        max_position_embeddings=32, num_labels=3, attn_implementation=attn_implementation,
-    )
-    return transformers.BertForSequenceClassification(config).eval()
-
-
-def bert_inputs():
-    torch.manual_seed(1)
-    ids = torch.randint(1, 64, (3, 10))
-    mask = torch.ones_like(ids)
-    mask[0, 7:] = 0
-    mask[2, 4:] = 0
-    return dict(input_ids=ids, attention_mask=mask)
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import transformers
+from tiny_bert import CONFIG, tiny_bert
 from torch import nn
 
 import triton_bq
@@ -15,14 +16,6 @@ from triton_bq.size import (
     weight_bits,
 )
 from triton_bq.splitting import split_ternary_to_binary
-
-TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-            max_position_embeddings=32, type_vocab_size=2, num_labels=2, attn_implementation="eager")
-
-
-def tiny_bert():
-    torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(transformers.BertConfig(**TINY)).eval()
 
 
 def ternary_tiny(granularity="tensor", act_bits=8):
@@ -139,7 +132,7 @@ def test_packing_rounds_up_per_row_and_counts_shared_parameters_once():
 
 
 def test_report_from_config_on_meta_equals_the_instantiated_model():
-    config = transformers.BertConfig(**TINY)
+    config = transformers.BertConfig(**CONFIG)
     quant = triton_bq.QuantConfig(weight_method="twn", backend="reference")
     for split in (False, True, ["bert.encoder.layer.0:ffn_in"]):
         from_config = model_size_report_from_config(config, quant_config=quant, split=split)

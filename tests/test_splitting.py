@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-import transformers
+from tiny_bert import bert_inputs, tiny_bert
 from torch import nn
 
 import triton_bq
@@ -302,26 +302,8 @@ def test_split_layer_fused_path_matches_reference():
     torch.testing.assert_close(split(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def tiny_bert(seed=0, layers=2):
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=48,
-        max_position_embeddings=32, num_labels=2, attn_implementation="eager",
-    )
-    return transformers.BertForSequenceClassification(config).eval()
-
-
-def bert_inputs(seed=1):
-    torch.manual_seed(seed)
-    ids = torch.randint(1, 64, (3, 10))
-    mask = torch.ones_like(ids)
-    mask[0, 7:] = 0
-    mask[2, 4:] = 0
-    return dict(input_ids=ids, attention_mask=mask)
-
-
 def ternary_bert(weight_method="twn", granularity="tensor", act_bits=8, seed=0, layers=2):
-    model = tiny_bert(seed, layers)
+    model = tiny_bert(seed, num_hidden_layers=layers)
     config = triton_bq.QuantConfig(weight_method=weight_method, granularity=granularity, act_bits=act_bits,
                                    backend="reference")
     return triton_bq.quantize_(model, config)

@@ -6,27 +6,14 @@ import json
 import pytest
 import torch
 import transformers
+from tiny_bert import CONFIG, bert_inputs, tiny_bert
 from torch import nn
 
 import triton_bq
 from triton_bq.size import model_size_report_from_config
 from triton_bq.width import bert_layers, kept_heads, shrink_width_, supports_width, width_plan
 
-TINY = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-            max_position_embeddings=32, num_labels=3, attn_implementation="eager")
 HEAD_SIZE = 8
-
-
-def tiny_bert():
-    torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(transformers.BertConfig(**TINY)).eval()
-
-
-def batch():
-    generator = torch.Generator().manual_seed(1)
-    mask = torch.ones(3, 9, dtype=torch.long)
-    mask[1, 6:] = 0
-    return dict(input_ids=torch.randint(0, 50, (3, 9), generator=generator), attention_mask=mask)
 
 
 def test_plan_ranks_heads_and_neurons_by_their_weight_path_norms():
@@ -63,7 +50,7 @@ def test_shrunk_model_equals_the_full_model_without_the_dropped_heads_and_neuron
         for name, layer in bert_layers(masked):
             for head in set(range(4)) - set(plan[name]["heads"]):
                 layer.attention.output.dense.weight[:, head * HEAD_SIZE : (head + 1) * HEAD_SIZE] = 0
-            for neuron in set(range(48)) - set(plan[name]["neurons"]):
+            for neuron in set(range(CONFIG["intermediate_size"])) - set(plan[name]["neurons"]):
                 layer.output.dense.weight[:, neuron] = 0
     attention = narrow.bert.encoder.layer[0].attention
     assert attention.self.query.weight.shape == (16, 32) and attention.output.dense.weight.shape == (32, 16)
@@ -77,20 +64,20 @@ def test_shrunk_model_equals_the_full_model_without_the_dropped_heads_and_neuron
         triton_bq.quantize_(narrow, config)
         triton_bq.quantize_(masked, config)
         with torch.no_grad():
-            assert narrow(**batch()).logits.shape == (3, 3)
+            assert narrow(**bert_inputs()).logits.shape == (3, 2)
         return
     with torch.no_grad():
-        torch.testing.assert_close(narrow(**batch()).logits, masked(**batch()).logits, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(narrow(**bert_inputs()).logits, masked(**bert_inputs()).logits, rtol=1e-5, atol=1e-6)
 
 
 def test_a_saved_plan_rebuilds_the_narrow_model_for_its_state_dict():
     narrow = tiny_bert()
     plan = json.loads(json.dumps(shrink_width_(narrow, 0.5)))
-    rebuilt = transformers.BertForSequenceClassification(transformers.BertConfig(**TINY)).eval()
+    rebuilt = transformers.BertForSequenceClassification(transformers.BertConfig(**CONFIG)).eval()
     shrink_width_(rebuilt, plan)
     rebuilt.load_state_dict(narrow.state_dict(), strict=True)
     with torch.no_grad():
-        torch.testing.assert_close(rebuilt(**batch()).logits, narrow(**batch()).logits)
+        torch.testing.assert_close(rebuilt(**bert_inputs()).logits, narrow(**bert_inputs()).logits)
 
 
 def test_kept_heads_select_the_teachers_scores_in_model_order():
@@ -99,8 +86,8 @@ def test_kept_heads_select_the_teachers_scores_in_model_order():
     heads = kept_heads(teacher, plan)
     with triton_bq.capture_attention_scores(teacher) as t, triton_bq.capture_attention_scores(student) as s:
         with torch.no_grad():
-            teacher(**batch())
-            student(**batch())
+            teacher(**bert_inputs())
+            student(**bert_inputs())
         for index, (student_scores, teacher_scores) in enumerate(zip(s.scores, t.scores, strict=True)):
             assert student_scores.shape[1] == 2
             # Layer 0 receives the same input in both models, so its kept heads' scores are equal.
@@ -116,11 +103,11 @@ def test_narrow_split_binary_model_exports_and_reloads_packed(tmp_path):
     triton_bq.split_ternary_to_binary(model)
     model.eval()
     with torch.no_grad():
-        expected = model(**batch()).logits
+        expected = model(**bert_inputs()).logits
     triton_bq.save_packed(model, tmp_path)
     loaded = triton_bq.load_packed(tmp_path, backend="reference")
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch()).logits, expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(loaded(**bert_inputs()).logits, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_half_width_bert_base_sizes():
