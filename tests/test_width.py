@@ -11,7 +11,7 @@ from torch import nn
 
 import triton_bq
 from triton_bq.size import model_size_report_from_config
-from triton_bq.width import bert_layers, kept_heads, shrink_width_, supports_width, width_plan
+from triton_bq.width import bert_layers, kept_heads, shrink_width_, supports_width, taylor_importance, width_plan
 
 HEAD_SIZE = 8
 
@@ -142,3 +142,40 @@ def test_bad_widths_and_plans_are_named():
         shrink_width_(copy.deepcopy(model), broken)
     with pytest.raises(ValueError, match="the plan names layers"):
         shrink_width_(copy.deepcopy(model), {"bert.encoder.layer.0": plan["bert.encoder.layer.0"]})
+
+
+def test_taylor_importance_is_the_loss_derivative_of_scaling_a_head_or_neuron_out():
+    model = tiny_bert().double()
+    first, second = bert_inputs(1), bert_inputs(2)
+    for inputs, labels in ((first, [0, 1, 1]), (second, [1, 0, 1])):
+        inputs["labels"] = torch.tensor(labels)
+    importance = taylor_importance(model, [first, second])
+    layer = model.bert.encoder.layer[1]
+
+    def loss_with(scale, columns, weight):
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            weight[:, columns] *= scale
+            loss = model(**first).loss + model(**second).loss
+            weight.copy_(saved)
+        return loss.item()
+
+    step = 1e-6
+    layer_importance = importance["bert.encoder.layer.1"]
+    for head in range(4):
+        columns = slice(head * HEAD_SIZE, (head + 1) * HEAD_SIZE)
+        weight = layer.attention.output.dense.weight
+        derivative = (loss_with(1 + step, columns, weight) - loss_with(1 - step, columns, weight)) / (2 * step)
+        assert layer_importance["heads"][head].item() == pytest.approx(abs(derivative), rel=1e-5, abs=1e-9)
+    for neuron in (0, 17, 47):
+        weight = layer.output.dense.weight
+        derivative = (loss_with(1 + step, neuron, weight) - loss_with(1 - step, neuron, weight)) / (2 * step)
+        assert layer_importance["neurons"][neuron].item() == pytest.approx(abs(derivative), rel=1e-5, abs=1e-9)
+    assert all(parameter.grad is None for parameter in model.parameters()) and not model.training
+    plan = width_plan(model, 0.5, importance)
+    ranked = layer_importance["heads"].argsort(descending=True)[:2]
+    assert plan["bert.encoder.layer.1"]["heads"] == sorted(ranked.tolist())
+    with pytest.raises(ValueError, match="empty"):
+        taylor_importance(model, [])
+    with pytest.raises(ValueError, match="must hold 4 head and 48 neuron values"):
+        width_plan(model, 0.5, {name: {"heads": torch.ones(3), "neurons": torch.ones(48)} for name in importance})

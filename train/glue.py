@@ -6,8 +6,10 @@ One run trains a sequence of stages, each in its own directory under ``--output_
 2. ``ternary_a{8,4}_hidden`` then ``ternary_a{8,4}_logits``: a ternary (TWN) student distilled from the teacher,
    first on hidden states and pre-softmax attention scores (learning rate x ``--hidden_lr_multiplier``), then on
    logits only, starting from the best checkpoint of the first sub-stage (TernaryBERT, W-E-A 2-2-8). The student
-   keeps half of the teacher's attention heads and FFN neurons (``--ternary_width 0.5``, ``triton_bq.width``), so
-   that after splitting the binary model has as many 1-bit weights as a full-width binary BERT (BinaryBERT).
+   keeps half of the teacher's attention heads and FFN neurons (``--ternary_width 0.5``, ``triton_bq.width``; the
+   most important by first-order Taylor importance on 256 training examples), so that after splitting the binary
+   model has as many 1-bit weights as a full-width binary BERT (BinaryBERT). The offline preset keeps the full
+   width (a halved plain teacher does not recover in its 64-step stages).
 3. ``tws_a{8,4}``: ternary weight splitting turns the ternary student into a binary one that computes the same
    function (no training).
 4. ``binary_a{8,4}_hidden`` then ``binary_a{8,4}_logits``: the split binary student distilled the same way
@@ -90,7 +92,7 @@ from triton_bq import QuantConfig, quantize_
 from triton_bq.distill import attention_scores_loss, hidden_states_loss, logits_loss, record_attention_scores
 from triton_bq.packing import packed_size_bytes
 from triton_bq.splitting import split_ternary_to_binary
-from triton_bq.width import kept_heads, shrink_width_, supports_width
+from triton_bq.width import kept_heads, shrink_width_, supports_width, taylor_importance, width_plan
 
 if __package__ in (None, ""):
     # Run as a script (python train/glue.py, accelerate launch train/glue.py): make `train` importable.
@@ -112,6 +114,13 @@ STAGE_PREFIXES = ("teacher", "ternary", "tws", "binary", "bwn")
 # 2 binary and 2 BWN-baseline distillation sub-stages) takes about 21 minutes, under the 25-minute budget.
 OFFLINE_MAX_TRAIN_SAMPLES = 2048
 OFFLINE_MAX_EVAL_SAMPLES = 1000
+# A killed offline run loses at most this many steps of the stage in progress (finished stages are never lost).
+OFFLINE_CHECKPOINTING_STEPS = 32
+# The offline preset trains the ternary student at full width: halving the plain MiniLM teacher (by Taylor
+# importance) costs 13-16 points of dev accuracy that 2 x 64 distillation steps do not win back (README results).
+OFFLINE_TERNARY_WIDTH = 1.0
+# Training examples whose task-loss gradients rank the heads and FFN neurons a narrow ternary student keeps.
+WIDTH_IMPORTANCE_EXAMPLES = 256
 # Settings that change what a stage computes: a finished stage is reused only when they match.
 FINGERPRINT_KEYS = (
     "task", "model_name_or_path", "teacher_name_or_path", "train_file", "validation_file", "text_columns",
@@ -170,10 +179,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="ternary: TernaryBERT (2-2-A); binary: BinaryBERT via ternary weight splitting "
                             "(1-1-A); bwn: binary directly from the teacher. Default: binary")
     model.add_argument("--act_bits", type=int, choices=(8, 4), default=8, help="activation bits A. Default: 8")
-    model.add_argument("--ternary_width", type=float, default=0.5,
+    model.add_argument("--ternary_width", type=float, default=None,
                        help="fraction of the teacher's attention heads and FFN neurons the ternary student keeps "
                             "(BinaryBERT splits a half-width ternary model; triton_bq.width). Full width when the "
-                            "teacher's layers do not divide. Default: 0.5")
+                            f"teacher's layers do not divide. Default: 0.5; {OFFLINE_TERNARY_WIDTH} for the offline "
+                            "task, whose 64-step stages do not recover a halved plain (not width-adaptive) teacher")
     model.add_argument("--bwn_baseline", action=argparse.BooleanOptionalAction, default=True,
                        help="with --quant binary, also train the BWN-direct baseline. Default: on")
     model.add_argument("--stop_after", choices=STAGE_PREFIXES, default=None,
@@ -206,8 +216,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     run = parser.add_argument_group("outputs and resuming")
     run.add_argument("--output_dir", default=None, help="where stages and the report go. Default: runs/<task>")
-    run.add_argument("--checkpointing_steps", type=int, default=100,
-                     help="save a resumable checkpoint every this many steps (0: never). Default: 100")
+    run.add_argument("--checkpointing_steps", type=int, default=None,
+                     help="save a resumable checkpoint every this many steps (0: never). Default: "
+                          f"{OFFLINE_CHECKPOINTING_STEPS} for the offline task (64-step stages), else 100")
     run.add_argument("--resume_from_checkpoint", default=None,
                      help="'latest': continue a partial stage from its newest checkpoint; or the path of a "
                           "checkpoint (<output_dir>/<stage>.partial/checkpoints/step_N). Default: start over")
@@ -226,6 +237,14 @@ def check_args(args: argparse.Namespace) -> None:
             args.max_train_samples = OFFLINE_MAX_TRAIN_SAMPLES
         if args.max_eval_samples is None:
             args.max_eval_samples = OFFLINE_MAX_EVAL_SAMPLES
+        if args.checkpointing_steps is None:
+            args.checkpointing_steps = OFFLINE_CHECKPOINTING_STEPS
+        if args.ternary_width is None:
+            args.ternary_width = OFFLINE_TERNARY_WIDTH
+    if args.checkpointing_steps is None:
+        args.checkpointing_steps = 100
+    if args.ternary_width is None:
+        args.ternary_width = 0.5
     if args.model_name_or_path is None:
         args.model_name_or_path = default_model_path()
     if args.output_dir is None:
@@ -708,6 +727,18 @@ def load_student(directory: Path) -> nn.Module:
     return model
 
 
+def width_importance(ctx: Context, model: nn.Module) -> dict:
+    """Taylor importance of ``model``'s heads and FFN neurons (``triton_bq.width``) on the task loss of the first
+    ``WIDTH_IMPORTANCE_EXAMPLES`` training examples: the same examples, hence the same plan, on every process."""
+    train = ctx.tokenized["train"]
+    subset = train.select(range(min(WIDTH_IMPORTANCE_EXAMPLES, len(train))))
+    loader = DataLoader(subset, batch_size=ctx.args.per_device_train_batch_size,
+                        collate_fn=DataCollatorWithPadding(ctx.tokenizer))
+    device = ctx.accelerator.device
+    model.to(device)
+    return taylor_importance(model, ({key: value.to(device) for key, value in batch.items()} for batch in loader))
+
+
 def run_distill(ctx: Context, stage: Stage) -> dict:
     """Stages 2 and 4: distil a quantized student from the teacher (hidden states + attention, or logits)."""
     accelerator, args, spec = ctx.accelerator, ctx.args, ctx.spec
@@ -725,7 +756,9 @@ def run_distill(ctx: Context, stage: Stage) -> dict:
         width, plan = 1.0, None
         if stage.weight_method == "twn" and args.ternary_width < 1:
             if supports_width(student, args.ternary_width):
-                width, plan = args.ternary_width, shrink_width_(student, args.ternary_width)
+                importance = width_importance(ctx, student)
+                width = args.ternary_width
+                plan = shrink_width_(student, width_plan(student, width, importance))
             else:
                 accelerator.print(f"[{stage.name}] the teacher's layers do not divide at --ternary_width "
                                   f"{args.ternary_width}: the ternary student keeps the full width")

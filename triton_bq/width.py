@@ -7,11 +7,14 @@ teacher. Ternary weight splitting then gives every matrix two binary halves, and
 1-bit weights as the half-width ternary model has 2-bit ones: about the size of a full-width binary BERT.
 
 A *plan* records what is kept, per layer (module name): ``{"heads": [...], "neurons": [...]}``, sorted indices into
-the teacher's heads and FFN neurons. ``width_plan`` ranks them by weight magnitude (no data needed):
+the teacher's heads and FFN neurons. ``width_plan`` keeps the most important ones, by
 
-- head ``h``: ``||W_V[h]||_F * ||W_O[:, h]||_F``, the norms of the value and output-projection slices its
-  contribution to the residual stream passes through;
-- FFN neuron ``j``: ``||W_in[j, :]||_2 * ||W_out[:, j]||_2``.
+- data (``taylor_importance``, DynaBERT's criterion): removing head ``h`` is exactly zeroing its columns of the
+  attention output projection ``W_O[:, h]`` (and neuron ``j``: column ``W_out[:, j]`` of FFN-out), so the first-order
+  change of the loss is ``-<W_O[:, h], dL/dW_O[:, h]>``; the importance is its magnitude, summed over a few batches
+  before taking ``abs``;
+- or, with no data, weight magnitude: head ``h``: ``||W_V[h]||_F * ||W_O[:, h]||_F`` (the value and output slices
+  its contribution passes through); neuron ``j``: ``||W_in[j, :]||_2 * ||W_out[:, j]||_2``.
 
 Ties keep the lower index. On the meta device (no values) the first heads and neurons are kept.
 ``shrink_width_`` applies a plan (or a width) in place; the plan is JSON-serializable, so a saved narrow model is
@@ -21,13 +24,14 @@ rebuilt by applying the same plan to a fresh full-width model before loading its
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 from triton_bq.attention import is_bert_self_attention
 
-__all__ = ["bert_layers", "supports_width", "width_plan", "shrink_width_", "kept_heads"]
+__all__ = ["bert_layers", "supports_width", "taylor_importance", "width_plan", "shrink_width_", "kept_heads"]
 
 
 def bert_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -77,25 +81,86 @@ def _top(importance: torch.Tensor, count: int) -> list[int]:
     return sorted(order[:count].tolist())
 
 
-def width_plan(model: nn.Module, width: float = 0.5) -> dict[str, dict[str, list[int]]]:
-    """The heads and FFN neurons to keep in every BERT-style layer at ``width`` (module docstring for the ranking)."""
+def _head_columns(layer: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` shaped like ``W_O`` ``[hidden, heads * head_size]`` as ``[hidden, heads, head_size]``."""
+    attention = layer.attention.self
+    return tensor.reshape(tensor.shape[0], attention.num_attention_heads, attention.attention_head_size)
+
+
+def taylor_importance(
+    model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None
+) -> dict[str, dict[str, torch.Tensor]]:
+    """First-order Taylor importance of every head and FFN neuron of ``model``'s BERT-style layers (module docstring).
+
+    Args:
+        model: the full-width model (its ``.grad`` fields are used and cleared; train/eval mode is restored).
+        batches: an iterable of inputs, e.g. a few dict batches of a Hugging Face model with ``labels``.
+        loss_fn: ``(model, batch) -> scalar loss``; default ``model(**batch).loss``.
+
+    Returns ``{layer: {"heads": [heads], "neurons": [neurons]}}`` float64 tensors, for ``width_plan(importance=...)``.
+    Runs in eval mode (no dropout), so the same batches always give the same importance.
+    """
+    layers = bert_layers(model)
+    if not layers:
+        raise ValueError(f"model has no BERT-style layers to rank ({type(model).__name__})")
+    loss_fn = loss_fn or (lambda module, batch: module(**batch).loss)
+    training = model.training
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    count = 0
+    try:
+        for batch in batches:
+            loss_fn(model, batch).backward()
+            count += 1
+        if count == 0:
+            raise ValueError("batches is empty: taylor_importance needs at least one batch")
+        importance = {}
+        for name, layer in layers:
+            output, ffn_out = layer.attention.output.dense.weight, layer.output.dense.weight
+            if output.grad is None or ffn_out.grad is None:
+                raise ValueError(f"the loss does not reach layer {name!r}: no gradient of its output projections")
+            importance[name] = {
+                "heads": _head_columns(layer, output.detach().double() * output.grad.double()).sum((0, 2)).abs(),
+                "neurons": (ffn_out.detach().double() * ffn_out.grad.double()).sum(0).abs(),
+            }
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(training)
+    return importance
+
+
+def width_plan(
+    model: nn.Module, width: float = 0.5, importance: dict[str, dict[str, torch.Tensor]] | None = None
+) -> dict[str, dict[str, list[int]]]:
+    """The heads and FFN neurons to keep in every BERT-style layer at ``width``: the most important by
+    ``importance`` (``taylor_importance``), else by weight magnitude (module docstring)."""
     if not supports_width(model, width):
         raise ValueError(
             f"width={width} does not apply to {type(model).__name__}: it needs BERT-style layers whose head and FFN "
             f"neuron counts times width are whole numbers >= 1"
         )
+    layers = bert_layers(model)
+    if importance is not None and set(importance) != {name for name, _ in layers}:
+        raise ValueError(f"importance names layers {sorted(importance)}, the model has {[n for n, _ in layers]}")
     plan = {}
-    for name, layer in bert_layers(model):
-        attention = layer.attention.self
-        heads, head_size = attention.num_attention_heads, attention.attention_head_size
-        value = layer.attention.self.value.weight.detach().float().reshape(heads, head_size, -1)
-        output = layer.attention.output.dense.weight.detach().float().reshape(-1, heads, head_size)
-        head_importance = value.square().sum((1, 2)).sqrt() * output.square().sum((0, 2)).sqrt()
-        ffn_in, ffn_out = layer.intermediate.dense.weight.detach().float(), layer.output.dense.weight.detach().float()
-        neuron_importance = ffn_in.norm(dim=1) * ffn_out.norm(dim=0)
+    for name, layer in layers:
+        heads = layer.attention.self.num_attention_heads
+        neurons = layer.intermediate.dense.out_features
+        if importance is not None:
+            head_importance, neuron_importance = importance[name]["heads"], importance[name]["neurons"]
+            if head_importance.shape != (heads,) or neuron_importance.shape != (neurons,):
+                raise ValueError(f"importance[{name!r}] must hold {heads} head and {neurons} neuron values, got "
+                                 f"{tuple(head_importance.shape)} and {tuple(neuron_importance.shape)}")
+        else:
+            value = layer.attention.self.value.weight.detach().float()
+            output = layer.attention.output.dense.weight.detach().float()
+            head_importance = (_head_columns(layer, value.t()).square().sum((0, 2)).sqrt()
+                               * _head_columns(layer, output).square().sum((0, 2)).sqrt())
+            ffn_in, ffn_out = layer.intermediate.dense.weight.detach().float(), layer.output.dense.weight.detach()
+            neuron_importance = ffn_in.norm(dim=1) * ffn_out.float().norm(dim=0)
         plan[name] = {
             "heads": _top(head_importance, _kept_count(heads, width)),
-            "neurons": _top(neuron_importance, _kept_count(ffn_in.shape[0], width)),
+            "neurons": _top(neuron_importance, _kept_count(neurons, width)),
         }
     return plan
 
