@@ -373,6 +373,8 @@ def test_accelerate_launch_cpu_flag(tiny, tmp_path):
                 "--main_process_port", str(free_port()))
     result = run_script(tiny_argv(tiny, output_dir, "--stop_after", "teacher"), launcher=launcher)
     assert result.returncode == 0, result.stderr[-4000:]
-    processes = read_done(output_dir, "teacher")["num_processes"]
-    # accelerate starts one process for --cpu without MPI; the script then says how to get several.
-    assert processes == 2 or "warning: one process only" in result.stdout
+    # accelerate starts one process for --cpu without MPI; the script restarts itself as two gloo processes.
+    assert "restarting as 2 CPU processes" in result.stdout
+    done = read_done(output_dir, "teacher")
+    assert done["num_processes"] == 2 and done["metrics"]["eval_samples"] == DEV_SIZE
+    assert result.stdout.count("| teacher | 32-32-32 |") == 1

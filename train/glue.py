@@ -34,9 +34,10 @@ pipeline in about 25 minutes on 2 CPU cores)::
     accelerate launch train/glue.py --task sst2 --model_name_or_path bert-base-uncased --act_bits 4
     python train/glue.py --train_file train.csv --validation_file dev.csv --text_columns sentence
 
-Several CPU processes (torch.distributed with gloo): ``accelerate launch --multi_gpu --num_processes 2
-train/glue.py --cpu``. (``accelerate launch --cpu --num_processes 2`` starts a single process unless MPI is set up
-with ``--mpirun_hostfile``; the script then prints a warning and trains in that one process.)
+Several CPU processes (torch.distributed with gloo): ``accelerate launch --num_processes 2 --cpu train/glue.py`` or
+``accelerate launch --multi_gpu --num_processes 2 train/glue.py --cpu``. (Without MPI, ``accelerate launch --cpu``
+starts the script once whatever ``--num_processes`` says; the script reads the count back from the launcher's
+command line and restarts itself as that many gloo processes, see ``requested_cpu_processes``.)
 
 Timings on a 2-core CPU (torch 2.13, one process, MiniLM-L6-H384 on ``tweets``, max length 64, batch 32; batches
 are padded to their longest example, about 58 tokens, of which about 33 per example are real), seconds per
@@ -69,6 +70,7 @@ import math
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -422,6 +424,12 @@ def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def _fused_adamw_supported(model: nn.Module) -> bool:
+    """Whether every trainable parameter is a floating tensor on a device with torch's fused AdamW (CPU, CUDA)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in trainable)
+
+
 def save_hf_model(ctx: Context, model: nn.Module, directory: Path) -> None:
     """Save a full-precision model and the tokenizer in Hugging Face format (main process only)."""
     model.save_pretrained(directory, safe_serialization=True)
@@ -468,7 +476,9 @@ def train_stage(
     partial = ctx.partial_dir(stage.name)
     train_dataloader, eval_dataloader = get_dataloaders(ctx)
     num_training_steps = len(train_dataloader) * args.num_train_epochs
-    optimizer = torch.optim.AdamW(_parameter_groups(model, args.weight_decay), lr=stage.learning_rate)
+    # The fused AdamW kernel (CPU and CUDA) is one pass over the parameters instead of a dozen per tensor.
+    optimizer = torch.optim.AdamW(_parameter_groups(model, args.weight_decay), lr=stage.learning_rate,
+                                  fused=_fused_adamw_supported(model))
     if optimizer_hook is not None:
         optimizer_hook(optimizer)
     scheduler = get_linear_schedule_with_warmup(
@@ -953,9 +963,8 @@ def build_context(args: argparse.Namespace) -> tuple[Context, list[Stage]]:
         transformers.logging.set_verbosity_error()
     if accelerator.num_processes == 1 and "MASTER_PORT" in os.environ and "WORLD_SIZE" not in os.environ:
         accelerator.print(
-            "warning: one process only. `accelerate launch --cpu --num_processes N` starts a single process "
-            "without MPI; start N CPU processes with `accelerate launch --multi_gpu --num_processes N train/glue.py "
-            "--cpu` (torch.distributed, gloo)"
+            "warning: one process only (the launcher's process count could not be read); start N CPU processes "
+            "with `accelerate launch --multi_gpu --num_processes N train/glue.py --cpu` (torch.distributed, gloo)"
         )
     stages = plan_stages(args)
     with accelerator.main_process_first():
@@ -996,8 +1005,58 @@ def training_function(args: argparse.Namespace) -> dict:
     return write_report(ctx, stages, time.perf_counter() - run_start)
 
 
+def requested_cpu_processes() -> int | None:
+    """The ``--num_processes`` of an ``accelerate launch --cpu`` that started this script as its only process.
+
+    Without MPI, Accelerate's simple launcher runs the script once for ``--cpu`` and sets ``ACCELERATE_USE_CPU`` and
+    ``MASTER_PORT`` (when more than one process was asked for) but not the count, so the count is read back from the
+    launcher's command line (``/proc/<parent>/cmdline``, Linux). ``None`` when the script runs any other way, was
+    started by a distributed launcher (``WORLD_SIZE`` set), asked for several machines, or the count cannot be read.
+    """
+    env = os.environ
+    use_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1")
+    if "WORLD_SIZE" in env or "MASTER_PORT" not in env or not use_cpu:
+        return None
+    try:
+        words = [word.decode(errors="replace") for word in
+                 Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0") if word]
+    except OSError:
+        return None
+    # `accelerate launch ARGS` or `python -m accelerate.commands.launch ARGS`.
+    starts = [i + 1 for i, word in enumerate(words) if word == "launch" or word.endswith("accelerate.commands.launch")]
+    if not starts:
+        return None
+    from accelerate.commands.launch import launch_command_parser
+
+    try:
+        launch_args, _ = launch_command_parser().parse_known_args(words[starts[0]:])
+    except SystemExit:
+        return None
+    processes, machines = launch_args.num_processes, launch_args.num_machines or 1
+    if not launch_args.cpu or processes is None or processes < 2 or machines > 1:
+        return None
+    return processes
+
+
+def relaunch_command(processes: int, argv: list[str]) -> list[str]:
+    """``accelerate launch`` of this script as ``processes`` CPU processes (torch.distributed, gloo) on this host."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--main_process_port", os.environ["MASTER_PORT"],
+        "--mixed_precision", os.environ.get("ACCELERATE_MIXED_PRECISION", "no"), "--dynamo_backend", "no",
+        str(Path(__file__).resolve()), *argv, "--cpu",
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
-    training_function(parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    processes = requested_cpu_processes()
+    if processes is not None:
+        print(f"accelerate launch --cpu started one process for --num_processes {processes}: restarting as "
+              f"{processes} CPU processes (torch.distributed, gloo)", flush=True)
+        sys.exit(subprocess.call(relaunch_command(processes, argv)))
+    training_function(args)
 
 
 if __name__ == "__main__":

@@ -277,7 +277,10 @@ class _ActQuantClip(torch.autograd.Function):
         grad_clip = None
         if ctx.needs_input_grad[1]:
             g = grad_output.float()
-            grad_clip = torch.stack([g[below].sum(), g[above].sum()]).to(clip.dtype).reshape(clip.shape)
+            # Masked sums, not boolean indexing: no nonzero() (a host sync on CUDA) and no gathered copies.
+            zero = torch.zeros((), dtype=g.dtype, device=g.device)
+            grad_clip = torch.stack([torch.where(below, g, zero).sum(), torch.where(above, g, zero).sum()])
+            grad_clip = grad_clip.to(clip.dtype).reshape(clip.shape)
         return grad_x, grad_clip, None, None
 
 
