@@ -478,7 +478,7 @@ def packed_matmul(
         x_scale: optional float, one element or one per row of ``x``.
         out_dtype: default ``x.dtype`` for float ``x``, float32 for int8 ``x``.
         out: optional preallocated ``[M, N]`` output of ``out_dtype`` (any strides); every element is written.
-        kernel: ``"auto"`` (gemv for M <= 4, gemm otherwise), ``"gemv"`` or ``"gemm"``.
+        kernel: ``"auto"`` (gemv for M <= ``GEMV_MAX_M`` = 2, gemm otherwise), ``"gemv"`` or ``"gemm"``.
         config: a launch config as returned by ``default_config`` (tests and tuning); default: ``default_config``.
     """
     _check_matmul_args(x, data, scale, bias, bits, in_features, x_scale)

