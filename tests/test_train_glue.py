@@ -378,3 +378,19 @@ def test_accelerate_launch_cpu_flag(tiny, tmp_path):
     done = read_done(output_dir, "teacher")
     assert done["num_processes"] == 2 and done["metrics"]["eval_samples"] == DEV_SIZE
     assert result.stdout.count("| teacher | 32-32-32 |") == 1
+
+
+def test_requested_cpu_processes_only_for_a_single_process_cpu_launch(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    # Not started by a multi-process launch (no MASTER_PORT): nothing to restart.
+    assert glue.requested_cpu_processes() is None
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    # The parent of pytest is not `accelerate launch`: the count cannot be read.
+    assert glue.requested_cpu_processes() is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert glue.requested_cpu_processes() is None
+    command = glue.relaunch_command(3, ["--quant", "binary"])
+    assert command[1:7] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "3", "--num_machines"]
+    assert command[-3:] == ["--quant", "binary", "--cpu"] and "29500" in command

@@ -1009,11 +1009,13 @@ def requested_cpu_processes() -> int | None:
     Without MPI, Accelerate's simple launcher runs the script once for ``--cpu`` and sets ``ACCELERATE_USE_CPU`` and
     ``MASTER_PORT`` (when more than one process was asked for) but not the count, so the count is read back from the
     launcher's command line (``/proc/<parent>/cmdline``, Linux). ``None`` when the script runs any other way, was
-    started by a distributed launcher (``WORLD_SIZE`` set), asked for several machines, or the count cannot be read.
+    started by a distributed launcher (``WORLD_SIZE`` or an MPI size set), asked for MPI or several machines, or
+    the count cannot be read.
     """
     env = os.environ
     use_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1")
-    if "WORLD_SIZE" in env or "MASTER_PORT" not in env or not use_cpu:
+    launched = any(name in env for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if launched or "MASTER_PORT" not in env or not use_cpu:
         return None
     try:
         words = [word.decode(errors="replace") for word in
@@ -1031,7 +1033,7 @@ def requested_cpu_processes() -> int | None:
     except SystemExit:
         return None
     processes, machines = launch_args.num_processes, launch_args.num_machines or 1
-    if not launch_args.cpu or processes is None or processes < 2 or machines > 1:
+    if not launch_args.cpu or launch_args.mpirun_hostfile or processes is None or processes < 2 or machines > 1:
         return None
     return processes
 
