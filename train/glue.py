@@ -422,12 +422,6 @@ def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def _fused_adamw_supported(model: nn.Module) -> bool:
-    """Whether every trainable parameter is a floating tensor on a device with torch's fused AdamW (CPU, CUDA)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in trainable)
-
-
 def save_hf_model(ctx: Context, model: nn.Module, directory: Path) -> None:
     """Save a full-precision model and the tokenizer in Hugging Face format (main process only)."""
     model.save_pretrained(directory, safe_serialization=True)
@@ -474,9 +468,10 @@ def train_stage(
     partial = ctx.partial_dir(stage.name)
     train_dataloader, eval_dataloader = get_dataloaders(ctx)
     num_training_steps = len(train_dataloader) * args.num_train_epochs
-    # The fused AdamW kernel (CPU and CUDA) is one pass over the parameters instead of a dozen per tensor.
+    # The fused AdamW kernel (CPU and CUDA) is one pass over the parameters instead of a dozen per tensor. The
+    # parameters are still on the CPU here: accelerator.prepare moves them, so the accelerator's device decides.
     optimizer = torch.optim.AdamW(_parameter_groups(model, args.weight_decay), lr=stage.learning_rate,
-                                  fused=_fused_adamw_supported(model))
+                                  fused=accelerator.device.type in ("cpu", "cuda"))
     if optimizer_hook is not None:
         optimizer_hook(optimizer)
     scheduler = get_linear_schedule_with_warmup(
@@ -1023,13 +1018,14 @@ def requested_cpu_processes() -> int | None:
     except OSError:
         return None
     # `accelerate launch ARGS` or `python -m accelerate.commands.launch ARGS`.
-    starts = [i + 1 for i, word in enumerate(words) if word == "launch" or word.endswith("accelerate.commands.launch")]
-    if not starts:
+    start = next((i + 1 for i, word in enumerate(words)
+                  if word == "launch" or word.endswith("accelerate.commands.launch")), None)
+    if start is None:
         return None
     from accelerate.commands.launch import launch_command_parser
 
     try:
-        launch_args, _ = launch_command_parser().parse_known_args(words[starts[0]:])
+        launch_args, _ = launch_command_parser().parse_known_args(words[start:])
     except SystemExit:
         return None
     processes, machines = launch_args.num_processes, launch_args.num_machines or 1
