@@ -67,7 +67,7 @@ class Case:
     K: int
     x: torch.Tensor
     weight: torch.Tensor
-    packed: dict  # bits -> triton_bq.packing.PackedWeight
+    packed: dict  # bits -> triton_bq.bitpack.PackedWeight
 
     def reference(self, bits: int) -> torch.Tensor:
         """Float32 dequantize-then-matmul of the packed weight."""
@@ -76,7 +76,7 @@ class Case:
 
 def make_case(M: int, N: int, K: int, device="cuda", seed: int = 0) -> Case:
     """Random bf16 activations and weight, packed with BWN (1 bit) and TWN (2 bits), per-tensor scales."""
-    from triton_bq.packing import pack_weight
+    from triton_bq.bitpack import pack_weight
 
     generator = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(M, K, device=device, generator=generator).to(torch.bfloat16)
@@ -90,7 +90,7 @@ def provider_forward(provider: str, case: Case, config: dict | None = None):
     import torch.nn.functional as F
     from triton_bq.kernels.packed_matmul import packed_matmul, quantize_int8
 
-    from triton_bq.packed import packed_linear
+    from triton_bq.ops import packed_linear
 
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
@@ -264,8 +264,8 @@ def plot(rows, path: Path):
 
 def cpu_check(log=print) -> int:
     """No GPU: packed kernels (interpreter) against the dequantize-then-matmul reference; returns the failures."""
-    from triton_bq.packed import packed_linear
-    from triton_bq.packing import pack_weight
+    from triton_bq.bitpack import pack_weight
+    from triton_bq.ops import packed_linear
 
     failures = 0
     generator = torch.Generator().manual_seed(0)

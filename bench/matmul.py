@@ -83,7 +83,7 @@ def cpu_check() -> int:
     """No GPU: a tiny interpreter run of the fused op against the reference (forward and every gradient)."""
     from triton_bq.kernels.linear import fused_quant_linear
 
-    from triton_bq import reference
+    from triton_bq import QuantOptions, reference
 
     failures = 0
     for method in ("bwn", "twn"):
@@ -93,13 +93,11 @@ def cpu_check() -> int:
             weight, bias = torch.randn(40, 96) * 0.5, torch.randn(40)
             clip, step = torch.tensor([-2.0, 2.0]), torch.tensor(0.4)
             grad_y = torch.randn(33, 40)
-            options = dict(weight_method=method, granularity="tensor", ste="identity", weight_scale=None,
-                           weight_threshold=None, act_method=None, act_bits=8, act_signed=True)
-            options.update(ACTS[act])
+            options = QuantOptions(weight_method=method, **ACTS[act])
             results = []
             for op in (fused_quant_linear, reference.quant_linear):
                 leaves = [t.clone().requires_grad_() for t in (x, weight, bias, clip, step)]
-                y = op(leaves[0], leaves[1], leaves[2], act_clip=leaves[3], act_step=leaves[4], **options)
+                y = op(leaves[0], leaves[1], leaves[2], options, act_clip=leaves[3], act_step=leaves[4])
                 y.backward(grad_y)
                 results.append([y] + [leaf.grad for leaf in leaves])
             worst = 0.0
@@ -118,7 +116,7 @@ class Case:
     def __init__(self, tokens, n, k, method, act, weight_dtype, device="cuda"):
         from triton_bq.kernels import linear as kernels_linear
 
-        from triton_bq import reference
+        from triton_bq import QuantOptions, reference
 
         self.kernels_linear = kernels_linear
         generator = torch.Generator(device=device).manual_seed(0)
@@ -128,9 +126,7 @@ class Case:
         self.clip = torch.tensor([-2.5, 2.5], device=device, requires_grad=True)
         self.step = torch.tensor(0.4, device=device, requires_grad=True)
         self.grad_y = torch.randn(tokens, n, device=device, generator=generator).to(torch.bfloat16)
-        self.options = dict(weight_method=method, granularity="tensor", ste="identity", weight_scale=None,
-                            weight_threshold=None, act_method=None, act_bits=8, act_signed=True)
-        self.options.update(ACTS[act])
+        self.options = QuantOptions(weight_method=method, **ACTS[act])
         self.has_act = act != "none"
         self.reference = reference.quant_linear
 
@@ -158,7 +154,7 @@ class Case:
                 finally:
                     self.kernels_linear._ACT_PATH = saved
 
-        return lambda: op(self.x, self.weight, self.bias, act_clip=self.clip, act_step=self.step, **options)
+        return lambda: op(self.x, self.weight, self.bias, options, act_clip=self.clip, act_step=self.step)
 
 
 def autocast():

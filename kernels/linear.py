@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from triton_bq import reference
+from triton_bq.options import QuantOptions
 
 from . import _common, scales
 from ._common import INTERPRET, check_kernel_tensor, dot, new_output, round_half_even, to_dtype
@@ -485,28 +486,28 @@ class _FusedQuantLinear(torch.autograd.Function):
     """Saves x (2-D), the latent weight and the float32 scalars alpha / delta / (lo, hi, zero, step) only."""
 
     @staticmethod
-    def forward(
-        ctx, x, weight, bias, weight_scale, weight_threshold, act_clip, act_step,
-        weight_method, granularity, ste, act_method, act_bits, act_signed, dtype, precision, act_path,
-    ):
+    def forward(ctx, x, weight, bias, weight_scale, weight_threshold, act_clip, act_step, options, dtype, precision,
+                act_path):
+        weight_method, act_method = options.weight_method, options.act_method
         n, k = weight.shape
         x2 = x.reshape(-1, k)
         if x2.stride(1) != 1:
             x2 = x2.contiguous()
         if bias is not None and bias.stride(0) != 1:
             bias = bias.contiguous()
-        alpha, delta = _weight_scales(weight, weight_method, granularity, weight_scale, weight_threshold)
+        alpha, delta = _weight_scales(weight, weight_method, options.granularity, weight_scale, weight_threshold)
         act = scales.ACT_CODES[act_method]
         params, (qmin, qmax) = None, (0, 0)
         if act != _NONE:
-            qmin, qmax = reference.act_qrange(act_method, act_bits, act_signed)
+            qmin, qmax = reference.act_qrange(act_method, options.act_bits, options.act_signed)
             if x2.shape[0] > 0:
-                params, _, _ = scales.act_params(x2, act_method, act_bits, act_clip, act_step, act_signed)
+                params, _, _ = scales.act_params(x2, act_method, options.act_bits, act_clip, act_step,
+                                                 options.act_signed)
         spec = _Spec(
             weight_mode=_WEIGHT_CODES[weight_method],
             alpha_per_row=alpha is not None and alpha.numel() > 1,
             delta_per_row=delta is not None and delta.numel() > 1,
-            clipped=weight_method is not None and ste == "clipped",
+            clipped=weight_method is not None and options.ste == "clipped",
             act=act, qmin=qmin, qmax=qmax, codes=act_path == "codes", dtype=dtype, precision=precision,
         )
         if x2.shape[0] == 0:
@@ -555,7 +556,7 @@ class _FusedQuantLinear(torch.autograd.Function):
                 grad_step = (partial_sum[0] * scale).to(dtype).reshape(shape)
             else:
                 grad_clip = partial_sum.to(dtype).reshape(shape)
-        return (grad_x, grad_w, grad_bias, None, None, grad_clip, grad_step) + (None,) * 9
+        return grad_x, grad_w, grad_bias, None, None, grad_clip, grad_step, None, None, None, None
 
 
 @torch.compiler.assume_constant_result
@@ -575,23 +576,20 @@ def fused_quant_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
+    options: QuantOptions,
     *,
-    weight_method: str | None,
-    granularity: str,
-    ste: str,
-    weight_scale: torch.Tensor | None,
-    weight_threshold: torch.Tensor | None,
-    act_method: str | None,
-    act_bits: int,
-    act_clip: torch.Tensor | None,
-    act_step: torch.Tensor | None,
-    act_signed: bool,
+    weight_scale: torch.Tensor | None = None,
+    weight_threshold: torch.Tensor | None = None,
+    act_clip: torch.Tensor | None = None,
+    act_step: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused ``quant_linear`` (the arguments of ``triton_bq.reference.quant_linear``, validated by
-    ``triton_bq.functional``). Output dtype: the autocast dtype when autocast is on, else ``x.dtype``.
+    ``triton_bq.ops``). Output dtype: the autocast dtype when autocast is on, else ``x.dtype``.
 
     float32 dots are IEEE when ``torch.get_float32_matmul_precision() == "highest"`` (torch's default), else TF32.
     """
+    if not isinstance(options, QuantOptions):
+        raise TypeError(f"options must be a triton_bq.QuantOptions, got {type(options).__name__}")
     check_kernel_tensor("x", x)
     check_kernel_tensor("weight", weight)
     if x.device != weight.device:
@@ -603,6 +601,5 @@ def fused_quant_linear(
         raise TypeError(f"the compute dtype (autocast or x's) must be float32, bfloat16 or float16, got {dtype}")
     precision = _fp32_dot_precision() if dtype == torch.float32 else "tf32"
     return _FusedQuantLinear.apply(
-        x, weight, bias, weight_scale, weight_threshold, act_clip, act_step,
-        weight_method, granularity, ste, act_method, act_bits, act_signed, dtype, precision, _ACT_PATH,
+        x, weight, bias, weight_scale, weight_threshold, act_clip, act_step, options, dtype, precision, _ACT_PATH
     )

@@ -1,6 +1,6 @@
 """Inference matmul on packed 1-bit / 2-bit weights: ``y = x_scale * (x @ W^T) + bias``, ``W = sum_p alpha_p * c_p``.
 
-The weight arrives as int32 words in the ``triton_bq.packing`` format (``[P, N, KW]``, packed along K; binary
+The weight arrives as int32 words in the ``triton_bq.bitpack`` format (``[P, N, KW]``, packed along K; binary
 bit 1 = +1 / bit 0 = -1; ternary field 1 = +1, field 2 = -1, field 0 = 0) and is unpacked in registers only.
 
 - ``_packed_gemv_kernel`` (M <= ``GEMV_MAX_M`` = 2): CUDA-core GEMV for decoding, bound by the weight words.
@@ -470,7 +470,7 @@ def packed_matmul(
 
     Args:
         x: ``[M, K]`` float32 / bfloat16 / float16, or int8 (then ``x_scale`` is required).
-        data: int32 ``[P, N, KW]`` packed codes (``triton_bq.packing`` format), ``P`` in {1, 2}.
+        data: int32 ``[P, N, KW]`` packed codes (``triton_bq.bitpack`` format), ``P`` in {1, 2}.
         scale: float ``[P, N]`` or ``[P, 1]``.
         bias: optional float ``[N]``.
         bits: 1 (binary) or 2 (ternary).

@@ -14,6 +14,7 @@ PUBLIC = {
     "QuantConfig",
     "QuantEmbedding",
     "QuantLinear",
+    "QuantOptions",
     "SplitBinaryEmbedding",
     "SplitBinaryLinear",
     "TernaryLinear",

@@ -7,7 +7,7 @@ from tiny_bert import bert_inputs, tiny_bert
 from torch import nn
 
 import triton_bq
-from triton_bq.attention import QuantSelfAttentionMixin, quantize_attention
+from triton_bq.nn.attention import QuantSelfAttentionMixin, quantize_attention
 
 
 def test_disabled_quantization_keeps_outputs_identical():

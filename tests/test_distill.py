@@ -7,8 +7,8 @@ import torch
 from tiny_bert import bert_inputs, tiny_bert
 
 import triton_bq
-from triton_bq.attention import QuantSelfAttentionMixin
-from triton_bq.distill import (
+from triton_bq.nn.attention import QuantSelfAttentionMixin
+from triton_bq.recipe.distill import (
     DistillationLoss,
     attention_scores_loss,
     capture_attention_scores,

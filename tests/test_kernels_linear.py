@@ -18,7 +18,9 @@ from triton_bq.kernels import linear as kernels_linear
 from triton_bq.kernels.linear import fused_quant_linear
 
 import triton_bq
+from triton_bq import ops
 from triton_bq import reference as ref
+from triton_bq.options import QuantOptions
 
 
 class Tolerance(NamedTuple):
@@ -104,9 +106,20 @@ def run_op(op, x, weight, bias, clip, step, grad_y, **options):
     """Forward and backward; returns (y, grad_x, grad_w, grad_bias, grad_clip, grad_step)."""
     leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias, clip, step)]
     x, weight, bias, clip, step = leaves
-    y = op(x, weight, bias, act_clip=clip, act_step=step, **options)
+    y = call(op, x, weight, bias, act_clip=clip, act_step=step, **options)
     y.backward(grad_y.to(y.dtype))
     return (y, x.grad, weight.grad, bias.grad, clip.grad, step.grad)
+
+
+QUANT_FIELDS = ("weight_method", "granularity", "ste", "act_method", "act_bits", "act_signed")
+
+
+def call(op, x, weight, bias, **arguments):
+    """``op(x, weight, bias, QuantOptions(...), **tensors)`` from one flat dict of options and tensors."""
+    fields = {name: arguments.pop(name) for name in QUANT_FIELDS if name in arguments}
+    if fields.get("act_method") is None:
+        fields.pop("act_bits", None)
+    return op(x, weight, bias, QuantOptions(**fields), **arguments)
 
 
 def options_for(weight_method, granularity, ste, act: Act, **given):
@@ -327,10 +340,10 @@ def test_non_contiguous_inputs_and_no_bias(device):
     options = options_for("twn", "row", "identity", act)
     grad_y = torch.randn(127, 33, device=device).t().contiguous().t()
     got_x, got_w = x_strided.clone().requires_grad_(), weight_t.detach().clone().requires_grad_()
-    y = fused_quant_linear(got_x, got_w, None, act_clip=clip, act_step=step, **options)
+    y = call(fused_quant_linear, got_x, got_w, None, act_clip=clip, act_step=step, **options)
     y.backward(grad_y)
     ref_x, ref_w = x.double().requires_grad_(), weight.double().requires_grad_()
-    expected = ref.quant_linear(ref_x, ref_w, None, act_clip=clip, act_step=step, **options)
+    expected = call(ref.quant_linear, ref_x, ref_w, None, act_clip=clip, act_step=step, **options)
     expected.backward(grad_y.double())
     assert_matches(y, expected, torch.float32, "y")
     assert_matches(got_x.grad, ref_x.grad, torch.float32, "grad_x")
@@ -344,12 +357,15 @@ def test_only_requested_grads(device, wanted):
     tensors = dict(x=x.clone(), weight=weight.clone(), clip=clip.clone())
     tensors[wanted].requires_grad_()
     options = options_for("bwn", "tensor", "identity", act)
-    y = fused_quant_linear(tensors["x"], tensors["weight"], bias, act_clip=tensors["clip"], act_step=step, **options)
+    y = call(
+        fused_quant_linear, tensors["x"], tensors["weight"], bias, act_clip=tensors["clip"], act_step=step, **options
+    )
     y.sum().backward()
     leaves = dict(x=x.double().requires_grad_(), weight=weight.double().requires_grad_(), clip=clip.clone())
     leaves["clip"].requires_grad_()
-    expected = ref.quant_linear(
-        leaves["x"], leaves["weight"], bias.double(), act_clip=leaves["clip"], act_step=step, **options
+    expected = call(
+        ref.quant_linear, leaves["x"], leaves["weight"], bias.double(), act_clip=leaves["clip"], act_step=step,
+        **options,
     )
     expected.sum().backward()
     for name, tensor in tensors.items():
@@ -365,7 +381,7 @@ def test_empty_batch(device):
     x = torch.zeros(0, 64, device=device, requires_grad=True)
     weight.requires_grad_()
     options = options_for("bwn", "tensor", "identity", act)
-    y = fused_quant_linear(x, weight, bias, act_clip=clip, act_step=step, **options)
+    y = call(fused_quant_linear, x, weight, bias, act_clip=clip, act_step=step, **options)
     assert y.shape == (0, 48)
     y.sum().backward()
     assert x.grad.shape == (0, 64) and torch.equal(weight.grad, torch.zeros_like(weight))
@@ -376,15 +392,15 @@ def test_kernel_argument_errors(device):
     x, weight, bias, clip, step = make_inputs(SHAPES["m7-k64-n48"], act, torch.float32, device)
     options = options_for("bwn", "tensor", "identity", act)
     with pytest.raises(TypeError, match=r"x must have dtype .* got torch.float64"):
-        fused_quant_linear(x.double(), weight, bias, act_clip=None, act_step=None, **options)
+        call(fused_quant_linear, x.double(), weight, bias, act_clip=None, act_step=None, **options)
     with pytest.raises(TypeError, match=r"weight must have dtype"):
-        fused_quant_linear(x, weight.double(), bias, act_clip=None, act_step=None, **options)
+        call(fused_quant_linear, x, weight.double(), bias, act_clip=None, act_step=None, **options)
     bad_scale = dict(options, weight_scale=torch.ones(5, device=device))
     with pytest.raises(ValueError, match=r"weight_scale must have 1 or out_features=48 elements, got shape \(5,\)"):
-        fused_quant_linear(x, weight, bias, act_clip=None, act_step=None, **bad_scale)
+        call(fused_quant_linear, x, weight, bias, act_clip=None, act_step=None, **bad_scale)
     only_scale = dict(options_for("twn", "tensor", "identity", act), weight_scale=torch.ones((), device=device))
     with pytest.raises(ValueError, match="weight_scale and weight_threshold must be given together"):
-        fused_quant_linear(x, weight, bias, act_clip=None, act_step=None, **only_scale)
+        call(fused_quant_linear, x, weight, bias, act_clip=None, act_step=None, **only_scale)
 
 
 @pytest.mark.parametrize("backend", ["triton", "auto"])
@@ -399,13 +415,13 @@ def test_kernel_argument_errors(device):
 )
 def test_module_backends_agree(device, monkeypatch, backend, layer_cls, kwargs):
     calls = []
-    original = kernels_linear.fused_quant_linear
+    original = ops.fused_quant_linear
 
     def spy(*args, **options):
         calls.append(1)
         return original(*args, **options)
 
-    monkeypatch.setattr(kernels_linear, "fused_quant_linear", spy)
+    monkeypatch.setattr(ops, "fused_quant_linear", spy)
     torch.manual_seed(11)
     reference_layer = layer_cls(96, 33, backend="reference", device=device, **kwargs)
     layer = layer_cls(96, 33, backend=backend, device=device, **kwargs)

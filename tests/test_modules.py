@@ -9,7 +9,7 @@ from torch import nn
 
 import triton_bq
 from triton_bq import reference as ref
-from triton_bq.functional import resolve_backend
+from triton_bq.ops import resolve_backend
 
 
 def _linear(seed=0, in_features=12, out_features=5):
@@ -42,7 +42,8 @@ def test_act_quantized_layer_matches_reference_and_trains_the_clip():
     layer = triton_bq.BinaryLinear.from_linear(linear, act_bits=8, backend="reference")
     x = torch.randn(8, 12) * 2
     clip = layer.act_quantizer.clip
-    expected = ref.quant_linear(x, linear.weight, linear.bias, weight_method="bwn", act_method="sym", act_clip=clip)
+    options = triton_bq.QuantOptions("bwn", act_method="sym")
+    expected = ref.quant_linear(x, linear.weight, linear.bias, options, act_clip=clip)
     out = layer(x)
     assert torch.equal(out, expected)
     out.square().sum().backward()
@@ -195,19 +196,24 @@ def test_bad_constructor_arguments(make, error, match):
         (dict(x=torch.randn(2, 7)), ValueError, "last dim"),
         (dict(x=torch.randint(0, 3, (2, 12))), TypeError, "int64"),
         (dict(bias=torch.randn(4)), ValueError, "bias"),
-        (dict(act_method="sym"), ValueError, "act_clip"),
-        (dict(act_method="lsq"), ValueError, "act_step"),
-        (dict(act_method="sym", act_bits=1, act_clip=torch.tensor([-1.0, 1.0])), ValueError, "act_bits"),
-        (dict(weight_method="lat"), ValueError, "weight_scale"),
+        (dict(options=dict(act_method="sym")), ValueError, "act_clip"),
+        (dict(options=dict(act_method="lsq")), ValueError, "act_step"),
+        (dict(options=dict(weight_method="lat")), ValueError, "weight_scale"),
+        (dict(options=dict(weight_method="bwn", granularity="rows")), ValueError, "granularity must be one of"),
+        (dict(options=dict(act_method="sym", act_bits=1)), ValueError, r"act_bits must be an int in 2\.\.8, got 1"),
+        (dict(options="bwn"), TypeError, "options must be a triton_bq.QuantOptions, got str"),
     ],
-    ids=["shape", "int-input", "bias-shape", "missing-clip", "missing-step", "bits", "lat-without-scale"],
+    ids=["shape", "int-input", "bias-shape", "missing-clip", "missing-step", "lat-without-scale", "granularity",
+         "bits", "options-type"],
 )
 def test_functional_rejects_bad_input(kwargs, error, match):
     args = dict(x=torch.randn(2, 12), weight=torch.randn(5, 12), backend="reference")
     args.update(kwargs)
     x, weight = args.pop("x"), args.pop("weight")
     with pytest.raises(error, match=match):
-        triton_bq.quant_linear(x, weight, **args)
+        options = args.pop("options", {})
+        options = triton_bq.QuantOptions(**options) if isinstance(options, dict) else options
+        triton_bq.quant_linear(x, weight, options=options, **args)
 
 
 def test_torch_compile_fullgraph_on_the_reference_backend():

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from triton_bq.kernels import packed_matmul as pm
 
-from triton_bq import packing
-from triton_bq.packed import packed_linear, quantize_int8_reference
+from triton_bq import bitpack as packing
+from triton_bq.ops import packed_linear, quantize_int8_reference
 
 # Float tolerance per activation dtype, in one place: elementwise rtol for float32 (atol relative to the largest
 # output), relative Frobenius error for the 16-bit types.

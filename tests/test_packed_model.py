@@ -10,16 +10,12 @@ import transformers
 from torch import nn
 
 import triton_bq
-from triton_bq import packing, reference
-from triton_bq.packed import (
-    MANIFEST_NAME,
-    WEIGHTS_NAME,
-    PackedEmbedding,
-    PackedLinear,
-    load_packed,
-    pack_model,
-    save_packed,
-)
+from triton_bq import bitpack, reference
+from triton_bq.export import size
+from triton_bq.export.format import MANIFEST_NAME, WEIGHTS_NAME, pack_model
+from triton_bq.export.io import load_packed, save_packed
+from triton_bq.nn import PackedEmbedding, PackedLinear
+from triton_bq.recipe.tws import split_ternary_to_binary
 
 
 def assert_float_close(actual, expected):
@@ -114,7 +110,7 @@ def test_split_binary_layer_adds_both_halves(device):
     generator = torch.Generator().manual_seed(4)
     first, second = torch.randn(12, 48, generator=generator), torch.randn(12, 48, generator=generator)
     first, second, bias = first.to(device), second.to(device), torch.randn(12, generator=generator).to(device)
-    layer = PackedLinear.from_packed(packing.pack_split_binary(first, second), bias)
+    layer = PackedLinear.from_packed(bitpack.pack_split_binary(first, second), bias)
     assert layer.parts == 2
     x = torch.randn(5, 48, generator=generator).to(device)
     expected = F.linear(x, reference.quantize_weight(first, "bwn") + reference.quantize_weight(second, "bwn"), bias)
@@ -196,7 +192,7 @@ def test_bert_save_load_round_trip(tmp_path, weight_method, act_bits, device):
 
     # True size: the file holds exactly 1 (or 2) bits per quantized weight, float32 scales and the other tensors.
     payload = safetensors_payload_bytes(tmp_path / WEIGHTS_NAME)
-    assert payload == sizes["packed_bytes"] == packing.packed_size_bytes(model) == packing.packed_size_bytes(loaded)
+    assert payload == sizes["packed_bytes"] == size.packed_size_bytes(model) == size.packed_size_bytes(loaded)
     scale_bytes = sum(
         module.weight_scale.numel() * 4 for module in loaded.modules() if isinstance(module, (PackedLinear,
                                                                                            PackedEmbedding))
@@ -213,8 +209,8 @@ def test_bert_save_load_round_trip(tmp_path, weight_method, act_bits, device):
         for key, tensor in model.state_dict().items()
         if "quantizer." in key
     )
-    assert sizes["fp32_bytes"] == packing.fp32_size_bytes(model) == full_precision_bytes + quantizer_bytes
-    assert packing.size_report(model)["compression"] == sizes["fp32_bytes"] / sizes["packed_bytes"]
+    assert sizes["fp32_bytes"] == size.fp32_size_bytes(model) == full_precision_bytes + quantizer_bytes
+    assert size.size_report(model)["compression"] == sizes["fp32_bytes"] / sizes["packed_bytes"]
 
 
 def test_bert_load_into_a_given_model_or_config(tmp_path, device):
@@ -232,7 +228,7 @@ def test_bert_load_into_a_given_model_or_config(tmp_path, device):
     assert not any(isinstance(module, PackedLinear) for module in model.modules())
 
 
-class SplitBinaryLinear(nn.Module):
+class SelfPackingLinear(nn.Module):
     """Stand-in for a split-binary training layer: packs itself through the ``to_packed()`` hook."""
 
     def __init__(self, in_features, out_features):
@@ -246,17 +242,17 @@ class SplitBinaryLinear(nn.Module):
         return F.linear(x, weight, self.bias)
 
     def to_packed(self):
-        return PackedLinear.from_packed(packing.pack_split_binary(self.first, self.second), self.bias.detach())
+        return PackedLinear.from_packed(bitpack.pack_split_binary(self.first, self.second), self.bias.detach())
 
 
 def test_to_packed_hook_and_plain_module_round_trip(tmp_path, device):
     torch.manual_seed(7)
-    model = nn.Sequential(SplitBinaryLinear(40, 24), nn.ReLU(), nn.Linear(24, 5)).to(device)
+    model = nn.Sequential(SelfPackingLinear(40, 24), nn.ReLU(), nn.Linear(24, 5)).to(device)
     x = torch.randn(3, 40).to(device)
     with torch.no_grad():
         expected = model(x)
         packed = pack_model(model)
-        assert isinstance(packed[0], PackedLinear) and isinstance(model[0], SplitBinaryLinear)
+        assert isinstance(packed[0], PackedLinear) and isinstance(model[0], SelfPackingLinear)
         assert_float_close(packed(x), expected)
     sizes = save_packed(model, tmp_path)
     assert sizes["packed_bytes"] == 2 * 24 * 2 * 4 + 2 * 4 + 24 * 4 + (24 * 5 + 5) * 4
@@ -268,15 +264,12 @@ def test_to_packed_hook_and_plain_module_round_trip(tmp_path, device):
 
 
 def test_split_bert_round_trip(tmp_path, device):
-    from triton_bq.modules_split import SplitBinaryEmbedding, SplitBinaryLinear
-    from triton_bq.splitting import split_ternary_to_binary
-
     model, _ = quantized_bert("twn", 8, device)
     split_ternary_to_binary(model)
     model.eval()
     query = model.bert.encoder.layer[0].attention.self.query
-    assert isinstance(query, SplitBinaryLinear)
-    assert isinstance(model.bert.embeddings.word_embeddings, SplitBinaryEmbedding)
+    assert isinstance(query, triton_bq.SplitBinaryLinear)
+    assert isinstance(model.bert.embeddings.word_embeddings, triton_bq.SplitBinaryEmbedding)
     # One layer whose halves were trained apart: different input clips need two kernel launches.
     with torch.no_grad():
         query.half2.act_quantizer.clip.mul_(0.5)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from triton_bq import packing, reference
+from triton_bq import bitpack as packing
+from triton_bq import reference
 
 SHAPES = [(1, 1), (5, 31), (7, 32), (3, 33), (33, 100), (4, 96), (2, 3, 65)]
 SHAPE_IDS = ["1x1", "5x31", "7x32", "3x33", "33x100", "4x96", "2x3x65"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from triton_bq import reference as ref
+from triton_bq.options import QuantOptions
 
 
 def test_bwn_hand_computed_tensor_and_row():
@@ -221,7 +222,7 @@ def test_quant_linear_composes_quantizers():
     w = torch.randn(4, 10)
     b = torch.randn(4)
     clip = torch.tensor([-2.5, 2.5])
-    y = ref.quant_linear(x, w, b, weight_method="twn", act_method="sym", act_bits=8, act_clip=clip)
+    y = ref.quant_linear(x, w, b, QuantOptions("twn", act_method="sym", act_bits=8), act_clip=clip)
     expected = torch.nn.functional.linear(
         ref.quantize_act(x, "sym", 8, clip=clip), ref.quantize_weight(w, "twn"), b
     )

@@ -7,15 +7,11 @@ from tiny_bert import CONFIG, tiny_bert
 from torch import nn
 
 import triton_bq
-from triton_bq.size import (
-    SizeReport,
-    model_size_report,
-    model_size_report_from_config,
-    packed_bytes,
-    split_extra_bytes,
-    weight_bits,
-)
-from triton_bq.splitting import split_ternary_to_binary
+from triton_bq.bitpack import packed_bytes, weight_bits
+from triton_bq.export.io import save_packed
+from triton_bq.export.size import SizeReport, model_size_report, model_size_report_from_config, packed_size_bytes
+from triton_bq.recipe.adaptive import split_extra_bytes
+from triton_bq.recipe.tws import split_ternary_to_binary
 
 
 def ternary_tiny(granularity="tensor", act_bits=8):
@@ -79,8 +75,6 @@ def test_stored_bytes_are_the_packed_export_payload(case, tmp_path):
     """The report and ``save_packed`` agree to the byte: one size convention for the library."""
     from safetensors import safe_open
 
-    from triton_bq.packed import save_packed
-    from triton_bq.packing import packed_size_bytes
 
     if case == "fp32":
         model = tiny_bert()

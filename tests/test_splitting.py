@@ -13,16 +13,9 @@ from torch import nn
 
 import triton_bq
 from triton_bq import reference as ref
-from triton_bq.modules_split import SplitBinaryEmbedding, SplitBinaryLinear
-from triton_bq.splitting import (
-    choose_splits,
-    measure_split_sensitivity,
-    split_candidates,
-    split_costs,
-    split_ternary_to_binary,
-    split_ternary_weight,
-    tws_coefficients,
-)
+from triton_bq.nn import SplitBinaryEmbedding, SplitBinaryLinear
+from triton_bq.recipe.adaptive import choose_splits, measure_split_sensitivity, split_candidates, split_costs
+from triton_bq.recipe.tws import is_ternary_module, split_ternary_to_binary, split_ternary_weight, tws_coefficients
 
 EPS32 = torch.finfo(torch.float32).eps
 # BWN(w1) + BWN(w2) vs TWN(w) in float32: the scales are float32 reductions, so equality holds to a few ulps of
@@ -319,7 +312,7 @@ def test_split_bert_matches_ternary_bert(weight_method, granularity, act_bits):
     with torch.no_grad():
         expected = model(**inputs, output_hidden_states=True)
     split_ternary_to_binary(model)
-    assert not any(triton_bq.splitting.is_ternary_module(module) for module in model.modules())
+    assert not any(is_ternary_module(module) for module in model.modules())
     assert isinstance(model.bert.embeddings.word_embeddings, SplitBinaryEmbedding)
     assert isinstance(model.bert.pooler.dense, SplitBinaryLinear)
     assert type(model.classifier) is nn.Linear

@@ -10,8 +10,8 @@ from tiny_bert import CONFIG, bert_inputs, tiny_bert
 from torch import nn
 
 import triton_bq
-from triton_bq.size import model_size_report_from_config
-from triton_bq.width import bert_layers, kept_heads, shrink_width_, supports_width, taylor_importance, width_plan
+from triton_bq.export.size import model_size_report_from_config
+from triton_bq.recipe.width import bert_layers, kept_heads, shrink_width_, supports_width, taylor_importance, width_plan
 
 HEAD_SIZE = 8
 

@@ -6,7 +6,7 @@ One run trains a sequence of stages, each in its own directory under ``--output_
 2. ``ternary_a{8,4}_hidden`` then ``ternary_a{8,4}_logits``: a ternary (TWN) student distilled from the teacher,
    first on hidden states and pre-softmax attention scores (learning rate x ``--hidden_lr_multiplier``), then on
    logits only, starting from the best checkpoint of the first sub-stage (TernaryBERT, W-E-A 2-2-8). The student
-   keeps half of the teacher's attention heads and FFN neurons (``--ternary_width 0.5``, ``triton_bq.width``; the
+   keeps half of the teacher's attention heads and FFN neurons (``--ternary_width 0.5``, ``triton_bq.recipe.width``; the
    most important by first-order Taylor importance on 256 training examples), so that after splitting the binary
    model has as many 1-bit weights as a full-width binary BERT (BinaryBERT). The offline preset keeps the full
    width (a halved plain teacher does not recover in its 64-step stages).
@@ -89,10 +89,10 @@ from transformers import (
 )
 
 from triton_bq import QuantConfig, quantize_
-from triton_bq.distill import attention_scores_loss, hidden_states_loss, logits_loss, record_attention_scores
-from triton_bq.packing import packed_size_bytes
-from triton_bq.splitting import split_ternary_to_binary
-from triton_bq.width import kept_heads, shrink_width_, supports_width, taylor_importance, width_plan
+from triton_bq.export.size import packed_size_bytes
+from triton_bq.recipe.distill import attention_scores_loss, hidden_states_loss, logits_loss, record_attention_scores
+from triton_bq.recipe.tws import split_ternary_to_binary
+from triton_bq.recipe.width import kept_heads, shrink_width_, supports_width, taylor_importance, width_plan
 
 if __package__ in (None, ""):
     # Run as a script (python train/glue.py, accelerate launch train/glue.py): make `train` importable.
@@ -181,9 +181,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--act_bits", type=int, choices=(8, 4), default=8, help="activation bits A. Default: 8")
     model.add_argument("--ternary_width", type=float, default=None,
                        help="fraction of the teacher's attention heads and FFN neurons the ternary student keeps "
-                            "(BinaryBERT splits a half-width ternary model; triton_bq.width). Full width when the "
-                            f"teacher's layers do not divide. Default: 0.5; {OFFLINE_TERNARY_WIDTH} for the offline "
-                            "task, whose 64-step stages do not recover a halved plain (not width-adaptive) teacher")
+                            "(BinaryBERT splits a half-width ternary model; triton_bq.recipe.width). Full width "
+                            "when the teacher's layers do not divide. Default: 0.5; "
+                            f"{OFFLINE_TERNARY_WIDTH} for the offline task, whose 64-step stages do not recover a "
+                            "halved plain (not width-adaptive) teacher")
     model.add_argument("--bwn_baseline", action=argparse.BooleanOptionalAction, default=True,
                        help="with --quant binary, also train the BWN-direct baseline. Default: on")
     model.add_argument("--stop_after", choices=STAGE_PREFIXES, default=None,
@@ -731,7 +732,7 @@ def load_student(directory: Path) -> nn.Module:
 
 
 def width_importance(ctx: Context, model: nn.Module) -> dict:
-    """Taylor importance of ``model``'s heads and FFN neurons (``triton_bq.width``) on the task loss of the first
+    """Taylor importance of ``model``'s heads and FFN neurons (``triton_bq.recipe.width``) on the task loss of the first
     ``WIDTH_IMPORTANCE_EXAMPLES`` training examples: the same examples, hence the same plan, on every process."""
     train = ctx.tokenized["train"]
     subset = train.select(range(min(WIDTH_IMPORTANCE_EXAMPLES, len(train))))

@@ -4,7 +4,7 @@ Public API (everything else is private):
 
 - Layers: ``QuantLinear``, ``BinaryLinear``, ``TernaryLinear``, ``QuantEmbedding``, ``ActQuantizer``.
 - Module swap: ``QuantConfig``, ``quantize_``, ``dequantize_``.
-- Functional ops: ``quant_linear``, ``quant_embedding``.
+- Functional ops: ``quant_linear`` (options in one ``QuantOptions``), ``quant_embedding``.
 - Loss-aware ternarization: ``attach_optimizer``.
 - Ternary weight splitting (BinaryBERT): ``split_ternary_to_binary``, ``SplitBinaryLinear``,
   ``SplitBinaryEmbedding``; adaptive splitting: ``split_candidates``, ``split_costs``,
@@ -13,36 +13,36 @@ Public API (everything else is private):
 - Distillation: ``DistillationLoss``, ``distill_loss``, ``record_attention_scores``, ``capture_attention_scores``.
 - True size and packed inference: ``model_size_report``, ``pack_model``, ``save_packed``, ``load_packed``,
   ``PackedLinear``, ``PackedSplitLinear``, ``PackedEmbedding``, ``packed_linear``.
-- Modules for the details: ``triton_bq.reference`` (pure-PyTorch quantizers, the single source of truth),
-  ``triton_bq.splitting``, ``triton_bq.width``, ``triton_bq.distill``, ``triton_bq.size``,
-  ``triton_bq.packing`` (bit formats).
+- Modules for the details (layers in ``docs/architecture.md``): ``triton_bq.reference`` (pure-PyTorch quantizers,
+  the single source of truth), ``triton_bq.ops``, ``triton_bq.nn``, ``triton_bq.arch``, ``triton_bq.recipe``
+  (``tws``, ``adaptive``, ``width``, ``distill``), ``triton_bq.export`` (``format``, ``size``, ``io``) and
+  ``triton_bq.bitpack`` (bit formats).
 """
 
 from triton_bq import reference
 from triton_bq.convert import QuantConfig, dequantize_, quantize_
-from triton_bq.distill import DistillationLoss, capture_attention_scores, distill_loss, record_attention_scores
-from triton_bq.functional import quant_embedding, quant_linear
-from triton_bq.modules import BinaryLinear, QuantEmbedding, QuantLinear, TernaryLinear
-from triton_bq.modules_split import SplitBinaryEmbedding, SplitBinaryLinear
-from triton_bq.packed import (
+from triton_bq.export.format import pack_model
+from triton_bq.export.io import load_packed, save_packed
+from triton_bq.export.size import model_size_report
+from triton_bq.nn import (
+    ActQuantizer,
+    BinaryLinear,
     PackedEmbedding,
     PackedLinear,
     PackedSplitLinear,
-    load_packed,
-    pack_model,
-    packed_linear,
-    save_packed,
+    QuantEmbedding,
+    QuantLinear,
+    SplitBinaryEmbedding,
+    SplitBinaryLinear,
+    TernaryLinear,
+    attach_optimizer,
 )
-from triton_bq.quantizers import ActQuantizer, attach_optimizer
-from triton_bq.size import model_size_report
-from triton_bq.splitting import (
-    choose_splits,
-    measure_split_sensitivity,
-    split_candidates,
-    split_costs,
-    split_ternary_to_binary,
-)
-from triton_bq.width import shrink_width_
+from triton_bq.ops import packed_linear, quant_embedding, quant_linear
+from triton_bq.options import QuantOptions
+from triton_bq.recipe.adaptive import choose_splits, measure_split_sensitivity, split_candidates, split_costs
+from triton_bq.recipe.distill import DistillationLoss, capture_attention_scores, distill_loss, record_attention_scores
+from triton_bq.recipe.tws import split_ternary_to_binary
+from triton_bq.recipe.width import shrink_width_
 
 __version__ = "0.1.0"
 
@@ -56,6 +56,7 @@ __all__ = [
     "QuantConfig",
     "QuantEmbedding",
     "QuantLinear",
+    "QuantOptions",
     "SplitBinaryEmbedding",
     "SplitBinaryLinear",
     "TernaryLinear",

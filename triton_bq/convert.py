@@ -7,18 +7,18 @@ from collections.abc import Callable
 
 from torch import nn
 
-from triton_bq import reference
-from triton_bq.attention import (
+from triton_bq.arch import BERT_ASYM_ACT_SUFFIXES, HEAD_NAMES, is_asym_site
+from triton_bq.nn.attention import (
     QuantSelfAttentionMixin,
     dequantize_attention,
     is_bert_self_attention,
     quantize_attention,
 )
-from triton_bq.modules import BinaryLinear, QuantEmbedding, QuantLinear, TernaryLinear
+from triton_bq.nn.embedding import QuantEmbedding
+from triton_bq.nn.linear import BinaryLinear, QuantLinear, TernaryLinear
+from triton_bq.options import GRANULARITIES, STES, WEIGHT_METHODS, check_choice
 
-__all__ = ["QuantConfig", "default_filter", "quantize_", "dequantize_"]
-
-HEAD_NAMES = ("classifier", "lm_head", "qa_outputs", "score", "cls", "head", "heads")
+__all__ = ["QuantConfig", "default_filter", "dequantize_", "quantize_"]
 
 
 @dataclasses.dataclass
@@ -46,23 +46,18 @@ class QuantConfig:
     ste: str = "identity"
     quantize_attention: bool = True
     quantize_pooler: bool = True
-    asym_act_names: tuple[str, ...] = ("output.dense",)
+    asym_act_names: tuple[str, ...] = BERT_ASYM_ACT_SUFFIXES
     clip_init: float = 2.5
     backend: str = "auto"
 
     def __post_init__(self):
-        if self.weight_method is not None and self.weight_method not in reference.WEIGHT_METHODS:
-            raise ValueError(
-                f"weight_method must be one of {reference.WEIGHT_METHODS} or None, got {self.weight_method!r}"
-            )
-        if self.embedding_method not in (None, "same", *reference.WEIGHT_METHODS):
-            raise ValueError(f"embedding_method must be None, 'same' or one of {reference.WEIGHT_METHODS}, "
-                             f"got {self.embedding_method!r}")
-        if self.granularity not in reference.GRANULARITIES:
-            raise ValueError(f"granularity must be one of {reference.GRANULARITIES}, got {self.granularity!r}")
-        if self.ste not in reference.STES:
-            raise ValueError(f"ste must be one of {reference.STES}, got {self.ste!r}")
-        if self.act_bits is not None and (not isinstance(self.act_bits, int) or not 2 <= self.act_bits <= 8):
+        check_choice("weight_method", self.weight_method, WEIGHT_METHODS, allow_none=True)
+        check_choice("embedding_method", self.embedding_method, ("same", *WEIGHT_METHODS), allow_none=True)
+        check_choice("granularity", self.granularity, GRANULARITIES)
+        check_choice("ste", self.ste, STES)
+        if self.act_bits is not None and (
+            not isinstance(self.act_bits, int) or isinstance(self.act_bits, bool) or not 2 <= self.act_bits <= 8
+        ):
             raise ValueError(f"act_bits must be None or an int in 2..8, got {self.act_bits!r}")
 
     @property
@@ -72,7 +67,7 @@ class QuantConfig:
     def linear_options(self, name: str) -> dict:
         """Constructor options of the ``QuantLinear`` that replaces the Linear called ``name``."""
         act_method = None
-        if self.act_bits == 8 and any(_is_asym_site(name, suffix) for suffix in self.asym_act_names):
+        if self.act_bits == 8 and any(is_asym_site(name, suffix) for suffix in self.asym_act_names):
             act_method = "asym"
         return dict(
             weight_method=self.weight_method,
@@ -83,10 +78,6 @@ class QuantConfig:
             clip_init=self.clip_init,
             backend=self.backend,
         )
-
-
-def _is_asym_site(name: str, suffix: str) -> bool:
-    return (name == suffix or name.endswith("." + suffix)) and ".attention." not in f".{name}"
 
 
 def default_filter(module: nn.Module, name: str, config: QuantConfig | None = None) -> bool:
@@ -103,11 +94,6 @@ def default_filter(module: nn.Module, name: str, config: QuantConfig | None = No
 
 def _linear_class(weight_method):
     return {"bwn": BinaryLinear, "twn": TernaryLinear, "lat": TernaryLinear}.get(weight_method, QuantLinear)
-
-
-def _set_child(model: nn.Module, name: str, child: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, child)
 
 
 def quantize_(
@@ -137,7 +123,8 @@ def quantize_(
         if name and isinstance(module, nn.Linear) and not isinstance(module, QuantLinear) and filter_fn(module, name)
     ]
     for name, module in targets:
-        _set_child(model, name, _linear_class(config.weight_method).from_linear(module, **config.linear_options(name)))
+        quantized = _linear_class(config.weight_method).from_linear(module, **config.linear_options(name))
+        model.set_submodule(name, quantized)
     embedding_method = config.resolved_embedding_method
     get_embeddings = getattr(model, "get_input_embeddings", None)
     if embedding_method is not None and callable(get_embeddings):
@@ -145,7 +132,7 @@ def quantize_(
         if type(embedding) is nn.Embedding:
             quantized = QuantEmbedding.from_embedding(embedding, weight_method=embedding_method, ste=config.ste)
             name = next(name for name, module in model.named_modules() if module is embedding)
-            _set_child(model, name, quantized)
+            model.set_submodule(name, quantized)
     if config.quantize_attention and config.act_bits is not None:
         for module in model.modules():
             if is_bert_self_attention(module) and not isinstance(module, QuantSelfAttentionMixin):
@@ -157,9 +144,9 @@ def dequantize_(model: nn.Module) -> nn.Module:
     """Undo ``quantize_`` in place: plain ``nn.Linear``/``nn.Embedding``/attention sharing the latent Parameters."""
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
-            _set_child(model, name, module.to_linear())
+            model.set_submodule(name, module.to_linear())
         elif isinstance(module, QuantEmbedding):
-            _set_child(model, name, module.to_embedding())
+            model.set_submodule(name, module.to_embedding())
         elif isinstance(module, QuantSelfAttentionMixin):
             dequantize_attention(module)
     return model

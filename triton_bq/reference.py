@@ -13,6 +13,16 @@ import math
 import torch
 import torch.nn.functional as F
 
+from triton_bq.options import (
+    ACT_METHODS,
+    GRANULARITIES,
+    STES,
+    WEIGHT_METHODS,
+    QuantOptions,
+    check_act_bits,
+    check_choice,
+)
+
 __all__ = [
     "WEIGHT_METHODS",
     "ACT_METHODS",
@@ -36,27 +46,13 @@ __all__ = [
     "quant_linear",
 ]
 
-WEIGHT_METHODS = ("bwn", "twn", "lat")
-ACT_METHODS = ("sym", "asym", "lsq")
-GRANULARITIES = ("tensor", "row")
-STES = ("identity", "clipped")
 
 TWN_THRESHOLD_FACTOR = 0.7
 LAT_EPS = 1e-8
 
 
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _check_bits(bits) -> None:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
-        raise ValueError(f"act_bits must be an int in 2..8, got {bits!r}")
-
-
 def _reduce_dims(weight: torch.Tensor, granularity: str):
-    _check_choice("granularity", granularity, GRANULARITIES)
+    check_choice("granularity", granularity, GRANULARITIES)
     if granularity == "row":
         if weight.dim() != 2:
             raise ValueError(f"granularity='row' needs a 2-D weight, got shape {tuple(weight.shape)}")
@@ -64,9 +60,6 @@ def _reduce_dims(weight: torch.Tensor, granularity: str):
     return dict()
 
 
-# ---------------------------------------------------------------------------------------------
-# Weights
-# ---------------------------------------------------------------------------------------------
 
 
 def mean_abs(weight: torch.Tensor, granularity: str = "tensor") -> torch.Tensor:
@@ -147,7 +140,7 @@ def weight_scale_threshold(
     second_moment: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(alpha, delta)`` for ``method`` in ``bwn`` (delta is ``None``), ``twn`` or ``lat``."""
-    _check_choice("weight_method", method, WEIGHT_METHODS)
+    check_choice("weight_method", method, WEIGHT_METHODS)
     if method == "bwn":
         return bwn_scale(weight, granularity), None
     if method == "twn":
@@ -194,8 +187,8 @@ def quantize_weight(
 
     ``scale``/``threshold`` override the computed ``alpha``/``delta`` (both or neither for twn/lat).
     """
-    _check_choice("weight_method", method, WEIGHT_METHODS)
-    _check_choice("ste", ste, STES)
+    check_choice("weight_method", method, WEIGHT_METHODS)
+    check_choice("ste", ste, STES)
     if (scale is None) != (threshold is None) and method != "bwn":
         raise ValueError("scale and threshold must be given together for twn/lat")
     if scale is None:
@@ -205,15 +198,12 @@ def quantize_weight(
     return _WeightQuantSTE.apply(weight, scale, threshold, ste == "clipped")
 
 
-# ---------------------------------------------------------------------------------------------
-# Activations
-# ---------------------------------------------------------------------------------------------
 
 
 def act_qrange(method: str, bits: int, signed: bool = True) -> tuple[int, int]:
     """Integer range ``(qmin, qmax)`` of an activation quantizer."""
-    _check_choice("act_method", method, ACT_METHODS)
-    _check_bits(bits)
+    check_choice("act_method", method, ACT_METHODS)
+    check_act_bits(bits)
     if method == "sym":
         return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
     if method == "asym" or not signed:
@@ -322,8 +312,8 @@ def quantize_act(
     ``method``: ``"sym"`` (max-abs after clipping to the learnable ``clip = [lo, hi]``), ``"asym"`` (min-max
     after clipping) or ``"lsq"`` (learned ``step``; ``signed=False`` for non-negative inputs).
     """
-    _check_choice("act_method", method, ACT_METHODS)
-    _check_bits(bits)
+    check_choice("act_method", method, ACT_METHODS)
+    check_act_bits(bits)
     if method == "lsq":
         if step is None:
             raise ValueError("act_method='lsq' needs act_step (the learned step size)")
@@ -339,34 +329,28 @@ def lsq_init_step(x: torch.Tensor, bits: int, signed: bool = True) -> torch.Tens
     return 2 * x.detach().float().abs().mean() / math.sqrt(qmax)
 
 
-# ---------------------------------------------------------------------------------------------
-# The linear op
-# ---------------------------------------------------------------------------------------------
 
 
 def quant_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None,
+    options: QuantOptions,
     *,
-    weight_method: str | None = "bwn",
-    granularity: str = "tensor",
-    ste: str = "identity",
     weight_scale: torch.Tensor | None = None,
     weight_threshold: torch.Tensor | None = None,
-    act_method: str | None = None,
-    act_bits: int = 8,
     act_clip: torch.Tensor | None = None,
     act_step: torch.Tensor | None = None,
-    act_signed: bool = True,
 ) -> torch.Tensor:
     """Reference ``F.linear(Q_act(x), Q_w(weight), bias)``: materializes both fake-quantized operands."""
-    if act_method is not None:
-        x = quantize_act(x, act_method, act_bits, clip=act_clip, step=act_step, signed=act_signed)
-    if weight_method is not None:
-        if weight_method == "lat" and weight_scale is None:
-            raise ValueError("weight_method='lat' needs weight_scale and weight_threshold (see LATQuantizer)")
+    if options.act_method is not None:
+        x = quantize_act(x, options.act_method, options.act_bits, clip=act_clip, step=act_step,
+                         signed=options.act_signed)
+    if options.weight_method is not None:
+        if options.weight_method == "lat" and weight_scale is None:
+            raise ValueError("weight_method='lat' needs weight_scale and weight_threshold (lat_scale_threshold)")
         weight = quantize_weight(
-            weight, weight_method, granularity, ste, scale=weight_scale, threshold=weight_threshold
+            weight, options.weight_method, options.granularity, options.ste, scale=weight_scale,
+            threshold=weight_threshold,
         )
     return F.linear(x, weight, bias)

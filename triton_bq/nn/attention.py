@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from triton_bq.quantizers import ActQuantizer
+from triton_bq.nn.activation import ActQuantizer
 
 __all__ = ["QuantSelfAttentionMixin", "is_bert_self_attention", "quantize_attention", "dequantize_attention"]
 

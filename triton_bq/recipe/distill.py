@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from triton_bq.attention import (
+from triton_bq.nn.attention import (
     QuantSelfAttentionMixin,
     dequantize_attention,
     is_bert_self_attention,

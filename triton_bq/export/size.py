@@ -1,6 +1,6 @@
 """True model size: bytes as stored packed, per component, next to the fp32 size of the same parameters.
 
-The stored size is exactly the tensor payload that ``triton_bq.save_packed`` writes (``triton_bq.packing``; a test
+The stored size is exactly the tensor payload that ``triton_bq.save_packed`` writes (``triton_bq.export.format``; a test
 pins ``model_size_report(model).stored_bytes == packed_size_bytes(model)``), computed from shapes and layer types only,
 so it also works on meta-device models:
 
@@ -26,21 +26,31 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
+import transformers
 from torch import nn
 
-from triton_bq.modules import QuantEmbedding, QuantLinear
-from triton_bq.modules_split import SplitBinaryEmbedding, SplitBinaryLinear
-from triton_bq.quantizers import ActQuantizer
+from triton_bq.bitpack import packed_bytes, scale_count, weight_bits
+from triton_bq.convert import quantize_
+from triton_bq.export.format import packed_parts
+from triton_bq.nn.activation import ActQuantizer
+from triton_bq.nn.embedding import QuantEmbedding
+from triton_bq.nn.linear import QuantLinear
+from triton_bq.nn.packed import PackedEmbedding, PackedLinear, act_quantizer_entry, same_act_quantizer
+from triton_bq.nn.split import SplitBinaryEmbedding, SplitBinaryLinear
+from triton_bq.recipe.tws import split_ternary_to_binary
+from triton_bq.recipe.width import shrink_width_
 
 __all__ = [
     "COMPONENTS",
     "SizeEntry",
     "SizeReport",
-    "packed_bytes",
-    "weight_bits",
-    "split_extra_bytes",
+    "fp32_size_bytes",
     "model_size_report",
     "model_size_report_from_config",
+    "model_sizes",
+    "packed_sizes",
+    "packed_size_bytes",
+    "size_report",
 ]
 
 FP32_BYTES = 4
@@ -56,40 +66,6 @@ COMPONENTS = (
     "other",
 )
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "KiB": 2**10, "MiB": 2**20}
-
-
-def packed_bytes(rows: int, columns: int, bits: int) -> int:
-    """``rows * ceil(columns * bits / 32) * 4``: a ``[rows, columns]`` matrix at ``bits`` bits per value, each row
-    packed into whole int32 words (the ``triton_bq.packing`` format)."""
-    if rows < 0 or columns < 0 or bits < 1:
-        raise ValueError(f"rows, columns must be >= 0 and bits >= 1, got rows={rows}, columns={columns}, bits={bits}")
-    return rows * -(-columns * bits // 32) * 4
-
-
-def weight_bits(weight_method: str | None) -> int:
-    """Stored bits per weight: 1 for ``bwn``, 2 for ``twn``/``lat``, 32 for ``None`` (full precision)."""
-    table = {"bwn": 1, "twn": 2, "lat": 2, None: 32}
-    if weight_method not in table:
-        raise ValueError(f"weight_method must be one of {tuple(table)}, got {weight_method!r}")
-    return table[weight_method]
-
-
-def _scale_count(module: nn.Module) -> int:
-    if isinstance(module, QuantEmbedding):
-        return module.num_embeddings
-    return module.out_features if module.granularity == "row" else 1
-
-
-def split_extra_bytes(module: nn.Module) -> int:
-    """Extra stored bytes of splitting a ternary layer instead of binarizing it.
-
-    The second binary matrix and its scales: ``packed_bytes(rows, columns, 1) + 4 * scales``. The bias halves merge
-    into one bias and both halves keep the activation quantizer they were copied from, which is stored once.
-    """
-    if not isinstance(module, (QuantLinear, QuantEmbedding)) or module.weight_method not in ("twn", "lat"):
-        raise TypeError(f"module must be a ternary QuantLinear or QuantEmbedding, got {type(module).__name__}")
-    rows, columns = module.weight.shape
-    return packed_bytes(rows, columns, 1) + FP32_BYTES * _scale_count(module)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +167,7 @@ class _Accountant:
         self.entries.append(
             SizeEntry(f"{prefix}weight", component, numel, bits, packed_bytes(*weight.shape, bits), FP32_BYTES * numel)
         )
-        scales = _scale_count(module)
+        scales = scale_count(module.weight.shape[0], module.granularity)
         self.entries.append(SizeEntry(f"{prefix}weight_scale", "weight scales", scales, 32, FP32_BYTES * scales, 0))
 
     def buffer(self, name: str, buffer: torch.Tensor, component: str) -> None:
@@ -231,14 +207,12 @@ def _shared_act_quantizer(module: SplitBinaryLinear) -> bool:
 
     On the meta device the values are unknown; the halves are then taken as split, i.e. identical.
     """
-    from triton_bq.packed import _act_entry, _same_quantizer
-
     first, second = module.half1.act_quantizer, module.half2.act_quantizer
     if first is None or second is None:
         return first is None and second is None
     if any(tensor.is_meta for quantizer in (first, second) for tensor in quantizer.state_dict().values()):
-        return _act_entry(first) == _act_entry(second)
-    return _same_quantizer(first, second)
+        return act_quantizer_entry(first) == act_quantizer_entry(second)
+    return same_act_quantizer(first, second)
 
 
 def model_size_report(model: nn.Module) -> SizeReport:
@@ -304,18 +278,11 @@ def model_size_report_from_config(
             (``triton_bq.width.shrink_width_``; BinaryBERT splits a half-width ternary model: ``width=0.5``).
         model_factory: ``config -> model``; default ``transformers.AutoModelForSequenceClassification.from_config``.
     """
-    from triton_bq.convert import quantize_
-    from triton_bq.splitting import split_ternary_to_binary
-
     if model_factory is None:
-        import transformers
-
         model_factory = transformers.AutoModelForSequenceClassification.from_config
     with torch.device("meta"):
         model = model_factory(config)
     if width != 1.0:
-        from triton_bq.width import shrink_width_
-
         shrink_width_(model, width)
     if quant_config is not None:
         quantize_(model, quant_config)
@@ -324,3 +291,52 @@ def model_size_report_from_config(
     elif split is not False:
         split_ternary_to_binary(model, include=split)
     return model_size_report(model)
+
+
+def packed_sizes(state: dict[str, torch.Tensor], packed: dict[str, nn.Module]) -> dict:
+    layers = {
+        f"{name}.{inner}" if name and inner else name or inner: layer
+        for name, module in packed.items()
+        for inner, layer in module.named_modules()
+        if isinstance(layer, (PackedLinear, PackedEmbedding))
+    }
+    packed_bytes = sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+    fp32_bytes = 0
+    for key, tensor in state.items():
+        owner, _, leaf = key.rpartition(".")
+        layer = layers.get(owner)
+        if layer is not None and leaf == "packed_weight":
+            fp32_bytes += tensor.shape[0] * tensor.shape[1] * layer.packed.in_features * 4
+        elif layer is None or leaf != "weight_scale":
+            fp32_bytes += tensor.numel() * (4 if tensor.is_floating_point() else tensor.element_size())
+    return {"packed_bytes": packed_bytes, "fp32_bytes": fp32_bytes}
+
+
+def model_sizes(model: nn.Module) -> dict:
+    """``{"packed_bytes", "fp32_bytes"}``: the tensor payload ``save_packed`` writes, and the latent model in float32
+    (each packed ``[N, K]`` matrix at 4 bytes per weight, both halves of a split layer, no scales; every other floating
+    tensor at 4 bytes per element, other tensors at their own size)."""
+    return packed_sizes(*packed_parts(model))
+
+
+def packed_size_bytes(model: nn.Module) -> int:
+    """True size in bytes of ``model`` exported with ``triton_bq.save_packed`` (the tensor payload of the file).
+
+    Quantized layers count their packed codes (1 bit per binary weight, 2 bits per ternary weight, padded to whole
+    int32 words along K), float32 scales, bias and activation-quantizer tensors; every other tensor of the state
+    dict counts at its stored dtype. Works on a quantized training model and on a packed one.
+    """
+    return model_sizes(model)["packed_bytes"]
+
+
+def fp32_size_bytes(model: nn.Module) -> int:
+    """Size in bytes of the latent model in float32: every quantized ``[N, K]`` matrix at 4 bytes per weight (both
+    halves of a split-binary layer; no scales) and every other floating-point tensor at 4 bytes per element (other
+    tensors at their own size)."""
+    return model_sizes(model)["fp32_bytes"]
+
+
+def size_report(model: nn.Module) -> dict:
+    """``{"packed_bytes", "fp32_bytes", "compression"}`` with ``compression = fp32_bytes / packed_bytes``."""
+    sizes = model_sizes(model)
+    return dict(sizes, compression=sizes["fp32_bytes"] / sizes["packed_bytes"])

@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from triton_bq.modules import BinaryLinear, QuantEmbedding
+from triton_bq.nn.embedding import QuantEmbedding
+from triton_bq.nn.linear import BinaryLinear
 
 __all__ = ["SplitBinaryLinear", "SplitBinaryEmbedding"]
 

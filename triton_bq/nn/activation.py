@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from triton_bq import reference
+from triton_bq.options import QuantOptions
 
-__all__ = ["ActQuantizer", "default_act_method", "attach_optimizer", "second_moment_of"]
+__all__ = ["ActQuantizer", "attach_optimizer", "default_act_method", "second_moment_of"]
 
 
 def default_act_method(bits: int) -> str:
@@ -24,7 +25,7 @@ class ActQuantizer(nn.Module):
     ``method="sym"``/``"asym"`` hold a learnable clip pair ``clip = [lo, hi]`` (init ``[-clip_init, clip_init]``,
     PACT-style gradient); ``method="lsq"`` holds a learnable ``step`` initialised from the first batch it sees
     (``2 * mean|x| / sqrt(qmax)``, averaged over processes under ``torch.distributed``).
-    Call it on a tensor to fake-quantize it, or pass ``linear_kwargs(x)`` to ``quant_linear`` to fuse it.
+    Call it on a tensor to fake-quantize it, or give ``op_options`` / ``op_tensors`` to ``quant_linear`` to fuse it.
     """
 
     def __init__(self, bits: int = 8, method: str | None = None, signed: bool = True, clip_init: float = 2.5):
@@ -34,6 +35,7 @@ class ActQuantizer(nn.Module):
         if method != "lsq" and not clip_init > 0:
             raise ValueError(f"clip_init must be > 0, got {clip_init!r}")
         self.bits, self.method, self.signed = bits, method, bool(signed)
+        self._options_key = self._options = None
         if method == "lsq":
             self.step = nn.Parameter(torch.ones(()))
             self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
@@ -59,21 +61,23 @@ class ActQuantizer(nn.Module):
         if self.method == "lsq":
             self._initialized_seen = False
 
-    def linear_kwargs(self, x: torch.Tensor) -> dict:
-        """Keyword arguments of ``triton_bq.functional.quant_linear`` for this quantizer."""
+    def op_options(self, options: QuantOptions) -> QuantOptions:
+        """``options`` with this quantizer's input settings (``act_method``, ``act_bits``, ``act_signed``)."""
+        key = (options, self.method, self.bits, self.signed)
+        if self._options_key != key:
+            self._options_key = key
+            self._options = options.replace(act_method=self.method, act_bits=self.bits, act_signed=self.signed)
+        return self._options
+
+    def op_tensors(self, x: torch.Tensor) -> dict:
+        """The learned tensors ``quant_linear`` takes beside its options (initializes the LSQ step from ``x``)."""
         self._maybe_init_step(x)
-        return dict(
-            act_method=self.method,
-            act_bits=self.bits,
-            act_clip=getattr(self, "clip", None),
-            act_step=getattr(self, "step", None),
-            act_signed=self.signed,
-        )
+        return dict(act_clip=getattr(self, "clip", None), act_step=getattr(self, "step", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kwargs = self.linear_kwargs(x)
+        tensors = self.op_tensors(x)
         return reference.quantize_act(
-            x, self.method, self.bits, clip=kwargs["act_clip"], step=kwargs["act_step"], signed=self.signed
+            x, self.method, self.bits, clip=tensors["act_clip"], step=tensors["act_step"], signed=self.signed
         )
 
     def extra_repr(self) -> str:

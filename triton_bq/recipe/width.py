@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from triton_bq.attention import is_bert_self_attention
+from triton_bq.nn.attention import is_bert_self_attention
 
 __all__ = ["bert_layers", "supports_width", "taylor_importance", "width_plan", "shrink_width_", "kept_heads"]
 

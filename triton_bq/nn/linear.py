@@ -1,8 +1,8 @@
-"""Drop-in quantized layers: ``QuantLinear`` / ``BinaryLinear`` / ``TernaryLinear`` and ``QuantEmbedding``.
+"""Drop-in quantized Linear layers: ``QuantLinear`` / ``BinaryLinear`` / ``TernaryLinear``.
 
 The latent full-precision weight stays the ``weight`` Parameter, so a state dict of a quantized layer holds
-the same ``weight``/``bias`` keys as ``nn.Linear``/``nn.Embedding`` (plus the activation quantizer's
-parameters), and ``from_linear``/``to_linear`` share the Parameters instead of copying them.
+the same ``weight``/``bias`` keys as ``nn.Linear`` (plus the activation quantizer's parameters), and
+``from_linear``/``to_linear`` share the Parameters instead of copying them.
 """
 
 from __future__ import annotations
@@ -10,21 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from triton_bq import functional, reference
-from triton_bq.quantizers import ActQuantizer, second_moment_of
+from triton_bq import ops, reference
+from triton_bq.nn.activation import ActQuantizer, second_moment_of
+from triton_bq.options import QuantOptions, check_act_bits, check_choice
 
-__all__ = ["QuantLinear", "BinaryLinear", "TernaryLinear", "QuantEmbedding"]
-
-
-def _check_weight_options(weight_method, granularity, ste, allow_none=True):
-    if weight_method is None and allow_none:
-        pass
-    elif weight_method not in reference.WEIGHT_METHODS:
-        raise ValueError(f"weight_method must be one of {reference.WEIGHT_METHODS} or None, got {weight_method!r}")
-    if granularity not in reference.GRANULARITIES:
-        raise ValueError(f"granularity must be one of {reference.GRANULARITIES}, got {granularity!r}")
-    if ste not in reference.STES:
-        raise ValueError(f"ste must be one of {reference.STES}, got {ste!r}")
+__all__ = ["BinaryLinear", "QuantLinear", "TernaryLinear"]
 
 
 def _make_act_quantizer(act_bits, act_method, act_signed, clip_init):
@@ -32,8 +22,7 @@ def _make_act_quantizer(act_bits, act_method, act_signed, clip_init):
         if act_method is not None:
             raise ValueError(f"act_method={act_method!r} needs act_bits, got act_bits=None")
         return None
-    if not isinstance(act_bits, int) or isinstance(act_bits, bool) or not 2 <= act_bits <= 8:
-        raise ValueError(f"act_bits must be None or an int in 2..8, got {act_bits!r}")
+    check_act_bits(act_bits)
     return ActQuantizer(act_bits, act_method, act_signed, clip_init)
 
 
@@ -71,11 +60,10 @@ class QuantLinear(nn.Linear):
         clip_init: float = 2.5,
         backend: str = "auto",
     ):
-        _check_weight_options(weight_method, granularity, ste)
-        if backend not in functional.BACKENDS:
-            raise ValueError(f"backend must be one of {functional.BACKENDS}, got {backend!r}")
+        options = QuantOptions(weight_method, granularity, ste)
+        check_choice("backend", backend, ops.BACKENDS)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.weight_method, self.granularity, self.ste, self.backend = weight_method, granularity, ste, backend
+        self.options, self.backend = options, backend
         self.act_quantizer = _make_act_quantizer(act_bits, act_method, act_signed, clip_init)
         if self.act_quantizer is not None and device is not None and torch.device(device).type != "meta":
             self.act_quantizer.to(device)
@@ -116,21 +104,28 @@ class QuantLinear(nn.Linear):
         with torch.no_grad():
             return (scale * reference.weight_codes(self.weight, threshold).float()).to(self.weight.dtype)
 
+    @property
+    def weight_method(self) -> str | None:
+        """``"bwn"``, ``"twn"``, ``"lat"`` or ``None`` (``self.options.weight_method``)."""
+        return self.options.weight_method
+
+    @property
+    def granularity(self) -> str:
+        """Weight scale granularity, ``"tensor"`` or ``"row"`` (``self.options.granularity``)."""
+        return self.options.granularity
+
+    @property
+    def ste(self) -> str:
+        """Straight-through estimator, ``"identity"`` or ``"clipped"`` (``self.options.ste``)."""
+        return self.options.ste
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        options = {} if self.act_quantizer is None else self.act_quantizer.linear_kwargs(x)
-        if self.weight_method == "lat":
-            scale, threshold = self.weight_scale_threshold()
-            options.update(weight_scale=scale, weight_threshold=threshold)
-        return functional.quant_linear(
-            x,
-            self.weight,
-            self.bias,
-            weight_method=self.weight_method,
-            granularity=self.granularity,
-            ste=self.ste,
-            backend=self.backend,
-            **options,
-        )
+        options, tensors = self.options, {}
+        if self.act_quantizer is not None:
+            options, tensors = self.act_quantizer.op_options(options), self.act_quantizer.op_tensors(x)
+        if options.weight_method == "lat":
+            tensors["weight_scale"], tensors["weight_threshold"] = self.weight_scale_threshold()
+        return ops.quant_linear(x, self.weight, self.bias, options, backend=self.backend, **tensors)
 
     def extra_repr(self) -> str:
         act = "None" if self.act_quantizer is None else f"{self.act_quantizer.bits}"
@@ -158,53 +153,3 @@ class TernaryLinear(QuantLinear):
         super().__init__(in_features, out_features, bias, device, dtype, **options)
 
 
-class QuantEmbedding(nn.Embedding):
-    """``nn.Embedding`` with row-wise binary (``"bwn"``) or ternary (``"twn"``/``"lat"``) weights.
-
-    Only the looked-up rows are quantized (each row has its own scale), and the latent table stays the
-    ``weight`` Parameter. ``max_norm`` and sparse gradients are not supported.
-    """
-
-    def __init__(
-        self,
-        num_embeddings: int,
-        embedding_dim: int,
-        padding_idx: int | None = None,
-        device=None,
-        dtype=None,
-        *,
-        weight_method: str | None = "bwn",
-        ste: str = "identity",
-    ):
-        _check_weight_options(weight_method, "row", ste)
-        super().__init__(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype)
-        self.weight_method, self.ste = weight_method, ste
-
-    @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, **options) -> QuantEmbedding:
-        """Wrap an ``nn.Embedding``, sharing its ``weight`` Parameter (no copy)."""
-        if not isinstance(embedding, nn.Embedding):
-            raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
-        if embedding.max_norm is not None or embedding.sparse:
-            raise ValueError("QuantEmbedding does not support max_norm or sparse embeddings")
-        module = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, device="meta", **options)
-        module.weight = embedding.weight
-        module.train(embedding.training)
-        return module
-
-    def to_embedding(self) -> nn.Embedding:
-        """A plain ``nn.Embedding`` sharing this layer's latent ``weight``."""
-        embedding = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, device="meta")
-        embedding.weight = self.weight
-        embedding.train(self.training)
-        return embedding
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        moment = second_moment_of(self) if self.weight_method == "lat" else None
-        return functional.quant_embedding(
-            input_ids, self.weight, weight_method=self.weight_method, ste=self.ste, second_moment=moment,
-            padding_idx=self.padding_idx,
-        )
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, weight_method={self.weight_method!r}, ste={self.ste!r}"

@@ -26,24 +26,23 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import nn
 
 from triton_bq import reference
 
 __all__ = [
     "BITS",
     "PackedWeight",
-    "fp32_size_bytes",
     "pack_binary",
     "pack_codes",
     "pack_split_binary",
     "pack_ternary",
     "pack_weight",
-    "packed_size_bytes",
-    "size_report",
+    "packed_bytes",
+    "scale_count",
     "unpack_binary",
     "unpack_codes",
     "unpack_ternary",
+    "weight_bits",
     "words_per_row",
 ]
 
@@ -290,30 +289,23 @@ def pack_split_binary(
     )
 
 
-def packed_size_bytes(model: nn.Module) -> int:
-    """True size in bytes of ``model`` exported with ``triton_bq.save_packed`` (the tensor payload of the file).
-
-    Quantized layers count their packed codes (1 bit per binary weight, 2 bits per ternary weight, padded to whole
-    int32 words along K), float32 scales, bias and activation-quantizer tensors; every other tensor of the state
-    dict counts at its stored dtype. Works on a quantized training model and on a packed one.
-    """
-    from triton_bq.packed import model_sizes
-
-    return model_sizes(model)["packed_bytes"]
+def packed_bytes(rows: int, columns: int, bits: int) -> int:
+    """``rows * ceil(columns * bits / 32) * 4``: a ``[rows, columns]`` matrix at ``bits`` bits per value, each row
+    packed into whole int32 words (this format)."""
+    if rows < 0 or columns < 0 or bits < 1:
+        raise ValueError(f"rows, columns must be >= 0 and bits >= 1, got rows={rows}, columns={columns}, bits={bits}")
+    return rows * -(-columns * bits // 32) * 4
 
 
-def fp32_size_bytes(model: nn.Module) -> int:
-    """Size in bytes of the latent model in float32: every quantized ``[N, K]`` matrix at 4 bytes per weight (both
-    halves of a split-binary layer; no scales) and every other floating-point tensor at 4 bytes per element (other
-    tensors at their own size)."""
-    from triton_bq.packed import model_sizes
+def weight_bits(weight_method: str | None) -> int:
+    """Stored bits per weight: 1 for ``bwn``, 2 for ``twn``/``lat``, 32 for ``None`` (full precision)."""
+    table = {"bwn": 1, "twn": 2, "lat": 2, None: 32}
+    if weight_method not in table:
+        raise ValueError(f"weight_method must be one of {tuple(table)}, got {weight_method!r}")
+    return table[weight_method]
 
-    return model_sizes(model)["fp32_bytes"]
 
-
-def size_report(model: nn.Module) -> dict:
-    """``{"packed_bytes", "fp32_bytes", "compression"}`` with ``compression = fp32_bytes / packed_bytes``."""
-    from triton_bq.packed import model_sizes
-
-    sizes = model_sizes(model)
-    return dict(sizes, compression=sizes["fp32_bytes"] / sizes["packed_bytes"])
+def scale_count(rows: int, granularity: str) -> int:
+    """Stored float32 scales of a ``[rows, columns]`` matrix: one per row (``"row"``, embeddings) or one in all."""
+    _check_choice("granularity", granularity, reference.GRANULARITIES)
+    return rows if granularity == "row" else 1
