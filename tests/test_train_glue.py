@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForSequenceClassification,
@@ -31,8 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 # train/ is a folder of scripts beside the package, not installed: import it from the checkout.
 sys.path.insert(0, str(REPO))
 
-from train import glue  # noqa: E402
+from train import context, glue, launch, loop, models, options, stages  # noqa: E402
 from train.metrics import compute_metrics  # noqa: E402
+from train.resume import latest_checkpoint, start_partial  # noqa: E402
 
 SCRIPT = REPO / "train" / "glue.py"
 POSITIVE = ["good", "great", "nice", "happy", "love", "fine"]
@@ -121,8 +123,8 @@ def dev_accuracy_of(model_dir, tiny):
 
 def stage_names(*argv):
     args = glue.parse_args(["--model_name_or_path", "unused", *argv])
-    glue.check_args(args)
-    return [stage.name for stage in glue.plan_stages(args)]
+    options.check_args(args)
+    return [stage.name for stage in stages.plan_stages(args)]
 
 
 def test_plan_stages_per_quant():
@@ -139,8 +141,8 @@ def test_plan_stages_per_quant():
 
 def test_plan_learning_rates_follow_the_recipe():
     args = glue.parse_args(["--model_name_or_path", "unused", "--quant", "binary"])
-    glue.check_args(args)
-    rates = {stage.name: stage.learning_rate for stage in glue.plan_stages(args)}
+    options.check_args(args)
+    rates = {stage.name: stage.learning_rate for stage in stages.plan_stages(args)}
     assert rates["ternary_a8_hidden"] == pytest.approx(2.5e-5) and rates["ternary_a8_logits"] == pytest.approx(1e-5)
     assert rates["binary_a8_hidden"] == pytest.approx(1.25e-4) and rates["binary_a8_logits"] == pytest.approx(5e-5)
     assert rates["tws_a8"] == 0.0
@@ -148,9 +150,9 @@ def test_plan_learning_rates_follow_the_recipe():
 
 def test_offline_defaults():
     args = glue.parse_args(["--model_name_or_path", "unused"])
-    glue.check_args(args)
+    options.check_args(args)
     assert (args.task, args.max_seq_length, args.max_train_samples, args.max_eval_samples) == (
-        "tweets", 64, glue.OFFLINE_MAX_TRAIN_SAMPLES, glue.OFFLINE_MAX_EVAL_SAMPLES
+        "tweets", 64, options.OFFLINE_MAX_TRAIN_SAMPLES, options.OFFLINE_MAX_EVAL_SAMPLES
     )
     assert args.output_dir == os.path.join("runs", "tweets") and args.quant == "binary"
 
@@ -170,8 +172,8 @@ def test_offline_defaults():
 def test_bad_options_raise_value_error(argv, message):
     args = glue.parse_args(["--model_name_or_path", "unused", *argv])
     with pytest.raises(ValueError, match=message):
-        glue.check_args(args)
-        glue.plan_stages(args)
+        options.check_args(args)
+        stages.plan_stages(args)
 
 
 # ---- the training loop, in process ----
@@ -197,7 +199,7 @@ def soft_cross_entropy(outputs, teacher_outputs, batch):
 
 def make_context(tiny, output_dir, *extra):
     args = glue.parse_args(tiny_argv(tiny, output_dir, "--checkpointing_steps", "5", "--num_train_epochs", "2", *extra))
-    return glue.build_context(args)
+    return launch.build_context(args)
 
 
 def saved_tensors(directory):
@@ -207,11 +209,11 @@ def saved_tensors(directory):
 def distill_once(tiny, output_dir, interrupt_at=None, resume=False):
     """Run the distillation loop for one stage: a fresh student learns a teacher's logits."""
     ctx, _ = make_context(tiny, output_dir, *(["--resume_from_checkpoint", "latest"] if resume else []))
-    stage = glue.Stage("student", "distill", "32-32-32", loss="logits", learning_rate=1e-3)
-    glue._start_partial(ctx, stage)
-    glue.set_seed(7)
-    teacher = glue.load_hf_model(ctx, tiny["model"])
-    student = glue.load_hf_model(ctx, tiny["model"])
+    stage = stages.Stage("student", "distill", "32-32-32", loss="logits", learning_rate=1e-3)
+    start_partial(ctx, stage)
+    set_seed(7)
+    teacher = models.load_hf_model(ctx, tiny["model"])
+    student = models.load_hf_model(ctx, tiny["model"])
     calls = []
 
     def loss_fn(outputs, teacher_outputs, batch):
@@ -220,8 +222,8 @@ def distill_once(tiny, output_dir, interrupt_at=None, resume=False):
             raise Interrupted
         return soft_cross_entropy(outputs, teacher_outputs, batch)
 
-    record = glue.train_stage(ctx, stage, student, teacher=teacher, loss_fn=loss_fn,
-                              save_model=lambda model, directory: glue.save_hf_model(ctx, model, directory))
+    record = loop.train_stage(ctx, stage, student, teacher=teacher, loss_fn=loss_fn,
+                              save_model=lambda model, directory: models.save_hf_model(ctx, model, directory))
     final = {name: tensor.detach().clone() for name, tensor in student.state_dict().items()}
     return final, record, len(calls)
 
@@ -231,14 +233,14 @@ def test_distillation_loop_keeps_best_and_resumes_exactly(tiny, tmp_path, one_th
     assert straight["steps"] == straight_calls == 24
     assert straight["tokens"] > 0 and straight["tokens_per_second"] > 0
     assert straight["best_metrics"]["eval_samples"] == DEV_SIZE
-    best = tmp_path / "straight" / "student.partial" / glue.BEST_DIR
-    best_state = json.loads((best / glue.BEST_STATE_FILE).read_text())
+    best = tmp_path / "straight" / "student.partial" / context.BEST_DIR
+    best_state = json.loads((best / context.BEST_STATE_FILE).read_text())
     assert best_state["step"] == straight["best_step"] and best_state["metrics"] == straight["best_metrics"]
     assert dev_accuracy_of(best, tiny) == straight["best_metrics"]["accuracy"]
 
     with pytest.raises(Interrupted):
         distill_once(tiny, tmp_path / "resumed", interrupt_at=13)
-    checkpoint = glue._latest_checkpoint(tmp_path / "resumed" / "student.partial")
+    checkpoint = latest_checkpoint(tmp_path / "resumed" / "student.partial")
     assert checkpoint.name == "step_10"
     resumed_final, resumed, resumed_calls = distill_once(tiny, tmp_path / "resumed", resume=True)
     assert resumed_calls == 14 and resumed["steps"] == 24
@@ -248,7 +250,7 @@ def test_distillation_loop_keeps_best_and_resumes_exactly(tiny, tmp_path, one_th
     for name in straight_final:
         torch.testing.assert_close(resumed_final[name], straight_final[name], rtol=0, atol=0, msg=name)
     expected = saved_tensors(best)
-    actual = saved_tensors(tmp_path / "resumed" / "student.partial" / glue.BEST_DIR)
+    actual = saved_tensors(tmp_path / "resumed" / "student.partial" / context.BEST_DIR)
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
@@ -258,7 +260,7 @@ def test_distillation_loop_keeps_best_and_resumes_exactly(tiny, tmp_path, one_th
 def test_restart_without_resume_discards_the_partial_stage(tiny, tmp_path, one_thread):
     with pytest.raises(Interrupted):
         distill_once(tiny, tmp_path, interrupt_at=7)
-    assert glue._latest_checkpoint(tmp_path / "student.partial").name == "step_5"
+    assert latest_checkpoint(tmp_path / "student.partial").name == "step_5"
     _, record, calls = distill_once(tiny, tmp_path)
     assert calls == record["steps"] == 24
 
@@ -267,7 +269,7 @@ def test_restart_without_resume_discards_the_partial_stage(tiny, tmp_path, one_t
 
 
 def read_done(output_dir, stage):
-    return json.loads((Path(output_dir) / stage / glue.DONE_FILE).read_text())
+    return json.loads((Path(output_dir) / stage / context.DONE_FILE).read_text())
 
 
 @pytest.mark.slow
@@ -337,11 +339,11 @@ def test_script_killed_mid_stage_resumes_from_checkpoint(tiny, tmp_path):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = output_dir / "teacher.partial"
     deadline = time.monotonic() + 180
-    while glue._latest_checkpoint(partial) is None and process.poll() is None and time.monotonic() < deadline:
+    while latest_checkpoint(partial) is None and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    checkpoint = glue._latest_checkpoint(partial)
+    checkpoint = latest_checkpoint(partial)
     assert checkpoint is not None and not (output_dir / "teacher").exists()
     step = int(checkpoint.name.removeprefix("step_"))
     result = run_script([*argv, "--resume_from_checkpoint", "latest"])
@@ -385,12 +387,12 @@ def test_requested_cpu_processes_only_for_a_single_process_cpu_launch(monkeypatc
     monkeypatch.delenv("MASTER_PORT", raising=False)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     # Not started by a multi-process launch (no MASTER_PORT): nothing to restart.
-    assert glue.requested_cpu_processes() is None
+    assert launch.requested_cpu_processes() is None
     monkeypatch.setenv("MASTER_PORT", "29500")
     # The parent of pytest is not `accelerate launch`: the count cannot be read.
-    assert glue.requested_cpu_processes() is None
+    assert launch.requested_cpu_processes() is None
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert glue.requested_cpu_processes() is None
-    command = glue.relaunch_command(3, ["--quant", "binary"])
+    assert launch.requested_cpu_processes() is None
+    command = launch.relaunch_command(3, ["--quant", "binary"])
     assert command[1:7] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "3", "--num_machines"]
     assert command[-3:] == ["--quant", "binary", "--cpu"] and "29500" in command

@@ -1,0 +1,81 @@
+"""What every stage shares (``Context``), and the names and atomic writes of what a run keeps on disk.
+
+Under ``--output_dir`` a finished stage is a folder ``<stage>/`` holding ``DONE.json`` (its record) and its best
+model ``best/``; a stage in progress works in ``<stage>.partial/``, with resumable checkpoints in
+``checkpoints/step_N/`` (each ends with ``trainer_state.json``). Files are written to a temporary name and renamed,
+so a killed run never leaves a half-written one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import transformers
+from accelerate import Accelerator
+
+from train.data import TaskSpec
+
+DONE_FILE = "DONE.json"
+BEST_DIR = "best"
+CHECKPOINTS_DIR = "checkpoints"
+TRAINER_STATE_FILE = "trainer_state.json"
+BEST_STATE_FILE = "best_state.json"
+QUANT_FILE = "quantization.json"
+PARTIAL_SUFFIX = ".partial"
+# Settings that change what a stage computes: a finished stage is reused only when they match.
+FINGERPRINT_KEYS = (
+    "task", "model_name_or_path", "teacher_name_or_path", "train_file", "validation_file", "text_columns",
+    "label_column", "max_seq_length", "max_train_samples", "max_eval_samples", "num_train_epochs", "learning_rate",
+    "ternary_learning_rate", "binary_learning_rate", "hidden_lr_multiplier", "per_device_train_batch_size",
+    "weight_decay", "warmup_ratio", "max_grad_norm", "evals_per_epoch", "seed", "mixed_precision", "ternary_width",
+)
+
+
+@dataclasses.dataclass
+class Context:
+    """What every stage shares: the accelerator, options, task, tokenizer, tokenized data and output folder."""
+
+    accelerator: Accelerator
+    args: argparse.Namespace
+    spec: TaskSpec
+    tokenizer: transformers.PreTrainedTokenizerBase
+    tokenized: dict
+    output_dir: Path
+    source: str
+
+    def stage_dir(self, name: str) -> Path:
+        return self.output_dir / name
+
+    def partial_dir(self, name: str) -> Path:
+        return self.output_dir / f"{name}{PARTIAL_SUFFIX}"
+
+    def done(self, name: str) -> dict | None:
+        path = self.stage_dir(name) / DONE_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def fingerprint(self) -> dict:
+        return {key: getattr(self.args, key) for key in FINGERPRINT_KEYS}
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write ``payload`` as indented JSON, atomically (temporary file, then rename)."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    os.replace(temporary, path)
+
+
+def replace_dir(source: Path, destination: Path) -> None:
+    """Move ``source`` to ``destination``, replacing it; at every instant one complete copy exists on disk."""
+    old = destination.with_name(destination.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if destination.exists():
+        os.replace(destination, old)
+    os.replace(source, destination)
+    if old.exists():
+        shutil.rmtree(old)

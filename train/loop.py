@@ -1,0 +1,362 @@
+"""The training loop of one stage, and dev evaluation.
+
+``train_stage`` builds the optimizer (AdamW, weight decay on matrices only) and the schedule (linear warm-up, then
+linear decay), prepares everything with Accelerate and runs a ``StageLoop``: each step runs the frozen teacher
+(optional) and the model on a batch and minimises the stage's loss with gradient clipping; the dev set is
+evaluated ``--evals_per_epoch`` times per epoch and every improvement of the task's main metric is saved to
+``<stage>.partial/best`` (keep-best); every ``--checkpointing_steps`` steps ``accelerator.save_state`` writes a
+checkpoint that ``--resume_from_checkpoint`` continues exactly (same data order, random state and final weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
+
+from train.context import (
+    BEST_DIR,
+    BEST_STATE_FILE,
+    CHECKPOINTS_DIR,
+    TRAINER_STATE_FILE,
+    Context,
+    replace_dir,
+    write_json,
+)
+from train.data import TaskSpec
+from train.metrics import compute_metrics, is_better
+from train.resume import resume_checkpoint
+from train.stages import Stage
+
+LossFn = Callable[[object, object | None, dict], torch.Tensor]
+SaveModel = Callable[[nn.Module, Path], None]
+
+
+def get_dataloaders(ctx: Context) -> tuple[DataLoader, DataLoader]:
+    """Unprepared train (shuffled) and dev DataLoaders that pad each batch to its longest example."""
+    collator = DataCollatorWithPadding(ctx.tokenizer)
+    train_dataloader = DataLoader(ctx.tokenized["train"], shuffle=True, collate_fn=collator,
+                                  batch_size=ctx.args.per_device_train_batch_size)
+    eval_dataloader = DataLoader(ctx.tokenized["validation"], shuffle=False, collate_fn=collator,
+                                 batch_size=ctx.args.per_device_eval_batch_size)
+    return train_dataloader, eval_dataloader
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {key: value for key, value in batch.items() if key != "labels"}
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model: nn.Module, eval_dataloader, spec: TaskSpec) -> dict:
+    """Dev metrics of ``model`` over every process's shard, each example counted once (``gather_for_metrics``)."""
+    was_training = model.training
+    model.eval()
+    predictions, references = [], []
+    for batch in eval_dataloader:
+        with accelerator.autocast():
+            logits = model(**_model_inputs(batch)).logits.float()
+        batch_predictions = logits.squeeze(-1) if spec.is_regression else logits.argmax(dim=-1)
+        batch_predictions, labels = accelerator.gather_for_metrics((batch_predictions, batch["labels"]))
+        predictions.append(batch_predictions.cpu())
+        references.append(labels.cpu())
+    model.train(was_training)
+    predictions, references = torch.cat(predictions), torch.cat(references)
+    metrics = compute_metrics(spec.metrics, predictions.numpy(), references.numpy())
+    return {**metrics, "eval_samples": int(references.numel())}
+
+
+def evaluate_model(ctx: Context, model: nn.Module) -> dict:
+    """Dev metrics of an unprepared model (no training in this stage): the dev loader is prepared and released."""
+    _, eval_dataloader = get_dataloaders(ctx)
+    eval_dataloader = ctx.accelerator.prepare(eval_dataloader)
+    metrics = evaluate(ctx.accelerator, model, eval_dataloader, ctx.spec)
+    ctx.accelerator.free_memory()
+    return metrics
+
+
+def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    # Decay matrices only: biases, LayerNorm and quantizer clips/steps keep their scale.
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in parameters if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def _resumed_batches(accelerator: Accelerator, train_dataloader, skip: int) -> Iterable[dict]:
+    """The batches of an epoch after its first ``skip``, with the random state left as ``load_state`` set it.
+
+    Starting a DataLoader iterator draws a seed from the global torch generator. An uninterrupted run drew it at
+    the start of the epoch, before the checkpoint's random state was saved, so the resumed run must not draw again.
+    """
+    state = torch.get_rng_state()
+    iterator = iter(accelerator.skip_first_batches(train_dataloader, skip))
+    first = next(iterator, None)
+    torch.set_rng_state(state)
+    return itertools.chain([] if first is None else [first], iterator)
+
+
+@dataclasses.dataclass
+class TrainerState:
+    """A stage's training progress, saved with every checkpoint (``trainer_state.json``)."""
+
+    global_step: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class LogWindow:
+    """Sums over the training steps since the last log line (tokens of this process, seconds, loss)."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    loss: torch.Tensor | float = 0.0
+    steps: int = 0
+
+    def add(self, tokens: int, seconds: float, loss: torch.Tensor) -> None:
+        self.tokens += tokens
+        self.seconds, self.loss, self.steps = self.seconds + seconds, self.loss + loss, self.steps + 1
+
+
+@dataclasses.dataclass
+class StageLoop:
+    """One stage's training: the prepared model, optimizer, schedule and loaders, and what the loop updates.
+
+    ``state`` is the resumable progress, ``best`` the best dev evaluation so far (``{"metrics", "step"}``, also
+    in ``best/best_state.json``), ``window`` the sums of the current log interval.
+    """
+
+    ctx: Context
+    stage: Stage
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_dataloader: DataLoader
+    eval_dataloader: DataLoader
+    loss_fn: LossFn
+    save_model: SaveModel
+    teacher: nn.Module | None = None
+    forward_kwargs: dict = dataclasses.field(default_factory=dict)
+    state: TrainerState = dataclasses.field(default_factory=TrainerState)
+    best: dict | None = None
+    window: LogWindow = dataclasses.field(default_factory=LogWindow)
+    progress: tqdm | None = None
+    wall_start: float = 0.0
+    wall_before: float = 0.0
+
+    @property
+    def accelerator(self) -> Accelerator:
+        return self.ctx.accelerator
+
+    @property
+    def partial(self) -> Path:
+        return self.ctx.partial_dir(self.stage.name)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_dataloader)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.ctx.args.num_train_epochs
+
+    def eval_points(self) -> set[int]:
+        """Steps (1-based, within an epoch) after which the dev set is evaluated; the last is the epoch's end."""
+        evals = self.ctx.args.evals_per_epoch
+        return {math.ceil(k * self.steps_per_epoch / evals) for k in range(1, evals + 1)}
+
+    def restore(self) -> None:
+        """Load the checkpoint to resume from (``--resume_from_checkpoint``), if any, and the best so far."""
+        checkpoint = resume_checkpoint(self.ctx, self.stage)
+        if checkpoint is not None:
+            self.accelerator.load_state(str(checkpoint))
+            self.state = TrainerState(**json.loads((checkpoint / TRAINER_STATE_FILE).read_text()))
+            self.accelerator.print(f"[{self.stage.name}] resumed from {checkpoint} at step {self.state.global_step}")
+        best_file = self.partial / BEST_DIR / BEST_STATE_FILE
+        self.best = json.loads(best_file.read_text()) if best_file.is_file() else None
+
+    def run(self) -> None:
+        """Train from the current step to the end of the last epoch, then make sure a best model was saved."""
+        args, start_step = self.ctx.args, self.state.global_step
+        self.progress = tqdm(total=self.total_steps, initial=start_step, desc=self.stage.name,
+                             disable=not self.accelerator.is_local_main_process)
+        self.wall_start, self.wall_before = time.perf_counter(), self.state.wall_seconds
+        eval_points = self.eval_points()
+        self.model.train()
+        for epoch in range(start_step // self.steps_per_epoch, args.num_train_epochs):
+            self.train_dataloader.set_epoch(epoch)
+            skip = start_step - epoch * self.steps_per_epoch
+            if skip > 0:
+                batches = _resumed_batches(self.accelerator, self.train_dataloader, skip)
+            else:
+                batches = self.train_dataloader
+            for batch in batches:
+                loss, elapsed = self.train_step(batch)
+                self.after_step(batch, loss, elapsed, eval_points)
+            start_step = self.state.global_step
+        self.progress.close()
+        if self.best is None:
+            self.evaluate_and_keep_best()
+        self.update_wall_seconds()
+
+    def train_step(self, batch: dict) -> tuple[torch.Tensor, float]:
+        """One optimizer step on ``batch``; returns the loss and the step's seconds."""
+        accelerator = self.accelerator
+        step_start = time.perf_counter()
+        teacher_outputs = None
+        if self.teacher is not None:
+            with torch.no_grad(), accelerator.autocast():
+                teacher_outputs = self.teacher(**batch, **self.forward_kwargs)
+        outputs = self.model(**batch, **self.forward_kwargs)
+        loss = self.loss_fn(outputs, teacher_outputs, batch)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(self.model.parameters(), self.ctx.args.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        return loss, time.perf_counter() - step_start
+
+    def after_step(self, batch: dict, loss: torch.Tensor, elapsed: float, eval_points: set[int]) -> None:
+        """Count the step, then log, evaluate and checkpoint when their step comes."""
+        args = self.ctx.args
+        self.state.global_step += 1
+        self.state.train_seconds += elapsed
+        self.window.add(int(batch["attention_mask"].sum()), elapsed, loss.detach().float())
+        self.progress.update(1)
+        step = self.state.global_step
+        if step % args.logging_steps == 0 or step == self.total_steps:
+            self.log(step)
+        if (step - 1) % self.steps_per_epoch + 1 in eval_points:
+            self.evaluate_and_keep_best()
+        self.update_wall_seconds()
+        if args.checkpointing_steps and step % args.checkpointing_steps == 0 and step < self.total_steps:
+            self.save_checkpoint()
+
+    def update_wall_seconds(self) -> None:
+        self.state.wall_seconds = self.wall_before + time.perf_counter() - self.wall_start
+
+    def log(self, step: int) -> None:
+        """Log the mean loss and tokens/s of the steps since the last log (all processes) and start a new window."""
+        accelerator, window = self.accelerator, self.window
+        tokens = int(accelerator.reduce(torch.tensor(window.tokens, device=accelerator.device), "sum"))
+        mean_loss = float(accelerator.reduce(window.loss / window.steps, "mean"))
+        self.state.tokens += tokens
+        rate = tokens / max(window.seconds, 1e-9)
+        self.progress.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{rate:.0f}")
+        accelerator.print(f"[{self.stage.name}] step {step}/{self.total_steps} loss {mean_loss:.4f} "
+                          f"lr {self.scheduler.get_last_lr()[0]:.2e} tokens/s {rate:.0f}")
+        self.window = LogWindow()
+
+    def evaluate_and_keep_best(self) -> None:
+        """Evaluate on the dev set; on an improvement of the main metric save the model to ``best/``."""
+        accelerator, spec = self.accelerator, self.ctx.spec
+        metrics = evaluate(accelerator, self.model, self.eval_dataloader, spec)
+        line = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "eval_samples")
+        previous = None if self.best is None else self.best["metrics"][spec.main_metric]
+        improved = is_better(metrics[spec.main_metric], previous)
+        accelerator.print(f"[{self.stage.name}] step {self.state.global_step}/{self.total_steps} dev {line}"
+                          f"{' (best)' if improved else ''}")
+        if improved:
+            self.best = {"metrics": metrics, "step": self.state.global_step}
+            self.save_best()
+
+    def save_best(self) -> None:
+        """Replace ``best/`` with the current model and ``best_state.json`` (main process)."""
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            staging = self.partial / f"{BEST_DIR}.tmp"
+            if staging.exists():
+                shutil.rmtree(staging)
+            self.save_model(accelerator.unwrap_model(self.model), staging)
+            write_json(staging / BEST_STATE_FILE, self.best)
+            replace_dir(staging, self.partial / BEST_DIR)
+        accelerator.wait_for_everyone()
+
+    def save_checkpoint(self) -> None:
+        """``accelerator.save_state`` to ``checkpoints/step_N``, then the trainer state; older checkpoints go."""
+        accelerator, checkpoints = self.accelerator, self.partial / CHECKPOINTS_DIR
+        directory = checkpoints / f"step_{self.state.global_step}"
+        accelerator.save_state(str(directory))
+        if accelerator.is_main_process:
+            write_json(directory / TRAINER_STATE_FILE, dataclasses.asdict(self.state))
+            for old in checkpoints.glob("step_*"):
+                if old != directory:
+                    shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+
+    def record(self) -> dict:
+        """The stage's training record: best metrics and step, steps, tokens, seconds and tokens/s."""
+        state = self.state
+        return {
+            "best_step": self.best["step"],
+            "best_metrics": self.best["metrics"],
+            "steps": state.global_step,
+            "tokens": state.tokens,
+            "train_seconds": state.train_seconds,
+            "train_wall_seconds": state.wall_seconds,
+            "tokens_per_second": state.tokens / max(state.train_seconds, 1e-9),
+            "previous_wall_seconds": self.wall_before,
+        }
+
+
+def train_stage(
+    ctx: Context,
+    stage: Stage,
+    model: nn.Module,
+    *,
+    loss_fn: LossFn,
+    save_model: SaveModel,
+    teacher: nn.Module | None = None,
+    forward_kwargs: dict | None = None,
+    optimizer_hook: Callable[[torch.optim.Optimizer], None] | None = None,
+) -> dict:
+    """Train ``model`` for one stage and keep its best dev checkpoint in ``<stage>.partial/best``.
+
+    Each step runs ``teacher`` (frozen, eval mode, no grad; optional) and ``model`` on the batch with
+    ``forward_kwargs`` and minimises ``loss_fn(model_outputs, teacher_outputs, batch)`` with AdamW (weight decay on
+    matrices), linear warm-up over ``--warmup_ratio`` of the steps then linear decay, and gradient clipping.
+    The dev set is evaluated ``--evals_per_epoch`` times per epoch; every improvement of the task's main metric is
+    saved with ``save_model(unwrapped_model, directory)`` (main process). ``optimizer_hook`` receives the torch
+    optimizer after it is built (loss-aware ternarization reads its second moments). Checkpoints for
+    ``--resume_from_checkpoint`` go to ``<stage>.partial/checkpoints/step_N``.
+
+    Returns the stage's training record (``StageLoop.record``).
+    """
+    accelerator, args = ctx.accelerator, ctx.args
+    train_dataloader, eval_dataloader = get_dataloaders(ctx)
+    num_training_steps = len(train_dataloader) * args.num_train_epochs
+    # The fused AdamW kernel (CPU and CUDA) is one pass over the parameters instead of a dozen per tensor. The
+    # parameters are still on the CPU here: accelerator.prepare moves them, so the accelerator's device decides.
+    optimizer = torch.optim.AdamW(_parameter_groups(model, args.weight_decay), lr=stage.learning_rate,
+                                  fused=accelerator.device.type in ("cpu", "cuda"))
+    if optimizer_hook is not None:
+        optimizer_hook(optimizer)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * num_training_steps),
+        num_training_steps=num_training_steps,
+    )
+    model, optimizer, train_dataloader, eval_dataloader, scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader, scheduler
+    )
+    if teacher is not None:
+        teacher.to(accelerator.device).eval().requires_grad_(False)
+    loop = StageLoop(ctx, stage, model, optimizer, scheduler, train_dataloader, eval_dataloader, loss_fn, save_model,
+                     teacher=teacher, forward_kwargs=forward_kwargs or {})
+    loop.restore()
+    loop.run()
+    accelerator.free_memory()
+    return loop.record()
