@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from triton_bq.arch import BERT_ASYM_ACT_SUFFIXES, HEAD_NAMES, is_asym_site
+from triton_bq.arch import BERT_ASYM_ACT_SUFFIXES, HEAD_NAMES, Family, family_of, is_asym_site, matches
+from triton_bq.nn.activation import default_act_method
 from triton_bq.nn.attention import (
     QuantSelfAttentionMixin,
     dequantize_attention,
-    is_bert_self_attention,
+    dispatches_attention,
     quantize_attention,
 )
-from triton_bq.nn.embedding import QuantEmbedding
-from triton_bq.nn.linear import BinaryLinear, QuantLinear, TernaryLinear
+from triton_bq.nn.embedding import QuantEmbedding, dequantize_embedding, quantize_embedding
+from triton_bq.nn.linear import BinaryLinear, QuantConv1D, QuantLinear, TernaryLinear
+from triton_bq.nn.split import SplitBinaryEmbedding, SplitBinaryLinear
 from triton_bq.options import GRANULARITIES, STES, WEIGHT_METHODS, check_choice
 
 __all__ = ["QuantConfig", "default_filter", "dequantize_", "quantize_"]
@@ -31,10 +35,13 @@ class QuantConfig:
         embedding_method: word-embedding quantizer (row-wise); ``"same"`` follows ``weight_method``; ``None`` keeps it.
         act_bits: activation bits for Linear inputs and attention (8, 4, ..., or ``None`` for weight-only).
         ste: ``"identity"`` or ``"clipped"``.
-        quantize_attention: quantize Q, K, V and the probabilities inside BERT-style self-attention.
+        quantize_attention: quantize Q, K, V and the probabilities inside the attention of the families of
+            ``triton_bq.arch.FAMILIES``.
         quantize_pooler: quantize the pooler Linear (the paper does; the classifier head is always kept).
-        asym_act_names: Linear names (suffixes) whose input gets asymmetric min-max 8-bit quantization
-            (BERT's FFN-output input, after GELU).
+        asym_act_names: ``None`` (default): the asymmetric activation sites of the model's family in
+            ``triton_bq.arch.FAMILIES`` (BERT: the FFN-output input, after GELU), or BERT's ``("output.dense",)``
+            for a family outside the table. A tuple of Linear names (suffixes; ``attention.*`` excluded) overrides
+            them. Those inputs get asymmetric min-max quantization at 8 bits.
         clip_init: initial activation clip ``+-clip_init``.
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
     """
@@ -46,7 +53,7 @@ class QuantConfig:
     ste: str = "identity"
     quantize_attention: bool = True
     quantize_pooler: bool = True
-    asym_act_names: tuple[str, ...] = BERT_ASYM_ACT_SUFFIXES
+    asym_act_names: tuple[str, ...] | None = None
     clip_init: float = 2.5
     backend: str = "auto"
 
@@ -59,15 +66,26 @@ class QuantConfig:
             not isinstance(self.act_bits, int) or isinstance(self.act_bits, bool) or not 2 <= self.act_bits <= 8
         ):
             raise ValueError(f"act_bits must be None or an int in 2..8, got {self.act_bits!r}")
+        if self.asym_act_names is not None:
+            if isinstance(self.asym_act_names, str) or not all(isinstance(n, str) for n in self.asym_act_names):
+                raise TypeError(f"asym_act_names must be None or a tuple of names, got {self.asym_act_names!r}")
+            self.asym_act_names = tuple(self.asym_act_names)
 
     @property
     def resolved_embedding_method(self) -> str | None:
         return self.weight_method if self.embedding_method == "same" else self.embedding_method
 
-    def linear_options(self, name: str) -> dict:
+    def is_asym_site(self, name: str, family: Family | None = None) -> bool:
+        """Whether the Linear called ``name`` (in a model of ``family``) gets an asymmetric input quantizer."""
+        if self.asym_act_names is None and family is not None:
+            return matches(family.asym_sites, name)
+        suffixes = BERT_ASYM_ACT_SUFFIXES if self.asym_act_names is None else self.asym_act_names
+        return any(is_asym_site(name, suffix) for suffix in suffixes)
+
+    def linear_options(self, name: str, family: Family | None = None) -> dict:
         """Constructor options of the ``QuantLinear`` that replaces the Linear called ``name``."""
         act_method = None
-        if self.act_bits == 8 and any(is_asym_site(name, suffix) for suffix in self.asym_act_names):
+        if self.act_bits == 8 and self.is_asym_site(name, family):
             act_method = "asym"
         return dict(
             weight_method=self.weight_method,
@@ -79,10 +97,21 @@ class QuantConfig:
             backend=self.backend,
         )
 
+    def tied_head_options(self) -> dict:
+        """Options of a Linear tied to a quantized word embedding (``lm_head``): the embedding's row-wise quantizer,
+        full-precision input, so that it computes with exactly the embedding's quantized table."""
+        return dict(weight_method=self.resolved_embedding_method, granularity="row", ste=self.ste, act_bits=None,
+                    backend=self.backend)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
 
 def default_filter(module: nn.Module, name: str, config: QuantConfig | None = None) -> bool:
-    """Quantize every ``nn.Linear`` except task heads (classifier, lm_head, ...) and, if configured, the pooler."""
-    if not isinstance(module, nn.Linear):
+    """Quantize every ``nn.Linear`` / transformers ``Conv1D`` except task heads (classifier, lm_head, ...) and, if
+    configured, the pooler. Used for models outside ``triton_bq.arch.FAMILIES``."""
+    if not _is_linear(module):
         return False
     parts = name.split(".")
     if any(part in HEAD_NAMES for part in parts):
@@ -92,8 +121,86 @@ def default_filter(module: nn.Module, name: str, config: QuantConfig | None = No
     return True
 
 
+def _family_filter(family: Family, config: QuantConfig) -> Callable[[nn.Module, str], bool]:
+    def select(module: nn.Module, name: str) -> bool:
+        if not matches(family.weights, name):
+            return False
+        return config.quantize_pooler or not matches(family.pooler, name)
+
+    return select
+
+
 def _linear_class(weight_method):
     return {"bwn": BinaryLinear, "twn": TernaryLinear, "lat": TernaryLinear}.get(weight_method, QuantLinear)
+
+
+def _quantized_linear(module: nn.Module, options: dict) -> QuantLinear:
+    if isinstance(module, Conv1D):
+        return QuantConv1D.from_conv1d(module, **options)
+    return _linear_class(options["weight_method"]).from_linear(module, **options)
+
+
+def _act_signature(quantizer) -> tuple | None:
+    return None if quantizer is None else (quantizer.bits, quantizer.method)
+
+
+def _expected_act(options: dict) -> tuple | None:
+    bits = options.get("act_bits")
+    if bits is None:
+        return None
+    return bits, options.get("act_method") or default_act_method(bits)
+
+
+def _requantize_mismatch(model: nn.Module, config: QuantConfig, family: Family | None) -> str | None:
+    """What of ``model`` is already quantized differently from ``config`` (``None`` when nothing is)."""
+    embedding_weights = {id(module.weight) for module in model.modules() if isinstance(module, QuantEmbedding)}
+    for name, module in model.named_modules():
+        if isinstance(module, (SplitBinaryLinear, SplitBinaryEmbedding)):
+            return f"{name!r} is a split binary layer (ternary weight splitting): the model is past quantize_"
+        if isinstance(module, QuantLinear):
+            tied = id(module.weight) in embedding_weights
+            options = config.tied_head_options() if tied else config.linear_options(name, family)
+            have = dict(weight_method=module.weight_method, granularity=module.granularity, ste=module.ste,
+                        backend=module.backend, act=_act_signature(module.act_quantizer))
+            want = dict(weight_method=options["weight_method"], granularity=options["granularity"],
+                        ste=options["ste"], backend=options["backend"], act=_expected_act(options))
+        elif isinstance(module, QuantEmbedding):
+            have = dict(weight_method=module.weight_method, ste=module.ste)
+            want = dict(weight_method=config.resolved_embedding_method, ste=config.ste)
+        elif isinstance(module, QuantSelfAttentionMixin):
+            bits = None if module.query_quantizer is None else module.query_quantizer.bits
+            wanted = config.act_bits if config.quantize_attention else None
+            have, want = dict(attention_act_bits=bits), dict(attention_act_bits=wanted)
+        else:
+            continue
+        for key, value in have.items():
+            if value != want[key]:
+                return f"{name!r} ({type(module).__name__}) has {key}={value!r}, the config asks {want[key]!r}"
+    return None
+
+
+def _replace(model: nn.Module, module: nn.Module, replacement: nn.Module) -> None:
+    """Put ``replacement`` at every place ``module`` sits in ``model`` (a module object may be shared)."""
+    if replacement is module:
+        return
+    for name, candidate in list(model.named_modules(remove_duplicate=False)):
+        if candidate is module and name:
+            model.set_submodule(name, replacement)
+
+
+def _full_precision_report(model: nn.Module) -> str:
+    """Names of the weight-holding layers and attention modules that ``quantize_`` left in full precision."""
+    kept = []
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantLinear, QuantEmbedding, SplitBinaryLinear, SplitBinaryEmbedding)):
+            continue
+        if isinstance(module, (nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d)):
+            kept.append(f"{name} ({type(module).__name__})")
+        elif not isinstance(module, QuantSelfAttentionMixin) and (
+            dispatches_attention(module) or type(module).__name__.endswith("Attention")
+        ):
+            kept.append(f"{name} ({type(module).__name__}: Q, K, V and probabilities)")
+    return ", ".join(kept) if kept else "nothing"
 
 
 def quantize_(
@@ -103,50 +210,130 @@ def quantize_(
 ) -> nn.Module:
     """Swap ``model``'s layers for quantized ones in place and return ``model``.
 
-    Linear layers selected by ``filter_fn(module, name)`` (default: ``default_filter``, every Linear but task
-    heads) become ``BinaryLinear``/``TernaryLinear``/``QuantLinear`` sharing the original Parameters; the
-    input word embedding (``model.get_input_embeddings()``) becomes a row-wise ``QuantEmbedding`` when
-    ``config.embedding_method`` is set; BERT-style self-attention gets Q/K/V/probability quantizers when
-    ``config.quantize_attention`` and ``config.act_bits`` are set. Works on any ``nn.Module`` (only the
-    embedding and attention steps are specific to Hugging Face models and are skipped where absent).
+    For a family of the architecture table (``triton_bq.arch.FAMILIES``, found by ``model.config.model_type``):
+    the family's weight layers (``nn.Linear`` or transformers ``Conv1D``) become ``BinaryLinear`` /
+    ``TernaryLinear`` / ``QuantLinear`` / ``QuantConv1D`` sharing the original Parameters; its word embeddings
+    become row-wise ``QuantEmbedding`` when ``config.embedding_method`` is set (``nn.Embedding`` subclasses keep
+    their own forward, e.g. BART's scale); its attention modules get Q/K/V/probability quantizers when
+    ``config.quantize_attention`` and ``config.act_bits`` are set; its asymmetric activation sites get min-max
+    8-bit input quantizers. Any other model gets every ``nn.Linear`` / ``Conv1D`` but task heads (``default_filter``)
+    and its input embedding (``get_input_embeddings()``), and one warning listing what stayed in full precision.
+
+    Tied weights are quantized once: every embedding sharing a quantized embedding's weight Parameter (T5's
+    ``shared`` / ``encoder.embed_tokens`` / ``decoder.embed_tokens``) is quantized with it, and a Linear sharing it
+    (``lm_head`` tied to the word embedding) becomes a ``QuantLinear`` with the embedding's row-wise quantizer and a
+    full-precision input, so that it computes with exactly the embedding's quantized table.
+
+    ``filter_fn(module, name)`` replaces the table / ``default_filter`` selection of Linear / ``Conv1D`` layers.
+
+    Raises:
+        ValueError: when nothing was quantized (naming what was looked for), or when ``model`` is already quantized
+            differently from ``config`` (naming the first such module; ``dequantize_`` it first). Quantizing again
+            with the same config quantizes only what is left (and raises when nothing is).
     """
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    family = family_of(model)
+    mismatch = _requantize_mismatch(model, config, family)
+    if mismatch is not None:
+        raise ValueError(f"model is already quantized with another config: {mismatch}; call "
+                         f"triton_bq.dequantize_(model) before quantizing it again")
+    already = sum(isinstance(m, (QuantLinear, QuantEmbedding, QuantSelfAttentionMixin)) for m in model.modules())
+    custom_filter = filter_fn is not None
     if filter_fn is None:
-        filter_fn = lambda module, name: default_filter(module, name, config)  # noqa: E731
+        filter_fn = _family_filter(family, config) if family is not None else (
+            lambda module, name: default_filter(module, name, config))
+    swapped = 0
     targets = [
         (name, module)
         for name, module in model.named_modules()
-        if name and isinstance(module, nn.Linear) and not isinstance(module, QuantLinear) and filter_fn(module, name)
+        if name and _is_linear(module) and not isinstance(module, QuantLinear) and filter_fn(module, name)
     ]
     for name, module in targets:
-        quantized = _linear_class(config.weight_method).from_linear(module, **config.linear_options(name))
-        model.set_submodule(name, quantized)
-    embedding_method = config.resolved_embedding_method
-    get_embeddings = getattr(model, "get_input_embeddings", None)
-    if embedding_method is not None and callable(get_embeddings):
-        embedding = get_embeddings()
-        if type(embedding) is nn.Embedding:
-            quantized = QuantEmbedding.from_embedding(embedding, weight_method=embedding_method, ste=config.ste)
-            name = next(name for name, module in model.named_modules() if module is embedding)
-            model.set_submodule(name, quantized)
-    if config.quantize_attention and config.act_bits is not None:
+        quantized = _quantized_linear(module, config.linear_options(name, family))
+        quantized.layer_name = name
+        _replace(model, module, quantized)
+        swapped += 1
+    swapped += _quantize_embeddings(model, config, family)
+    if config.quantize_attention and config.act_bits is not None and family is not None:
         for module in model.modules():
-            if is_bert_self_attention(module) and not isinstance(module, QuantSelfAttentionMixin):
+            if type(module).__name__ in family.attention and not isinstance(module, QuantSelfAttentionMixin):
                 quantize_attention(module, config.act_bits, config.clip_init)
+                swapped += 1
+    if not swapped:
+        looked_for = (f"the {family.name} family's layers of triton_bq.arch" if family is not None and not custom_filter
+                      else "nn.Linear / Conv1D layers selected by the filter, the input embedding")
+        state = f"; {already} module(s) were already quantized with this config" if already else ""
+        raise ValueError(
+            f"quantize_ found nothing to quantize in {type(model).__name__} (looked for {looked_for}, word "
+            f"embeddings with embedding_method={config.embedding_method!r}, attention with "
+            f"quantize_attention={config.quantize_attention}, act_bits={config.act_bits}){state}"
+        )
+    if family is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        warnings.warn(
+            f"quantize_: {type(model).__name__} (model_type={model_type!r}) is not a family of "
+            f"triton_bq.arch.FAMILIES; quantized its nn.Linear / Conv1D layers (but task heads) and input embedding "
+            f"only. Kept in full precision: {_full_precision_report(model)}",
+            stacklevel=2,
+        )
     return model
 
 
-def dequantize_(model: nn.Module) -> nn.Module:
-    """Undo ``quantize_`` in place: plain ``nn.Linear``/``nn.Embedding``/attention sharing the latent Parameters."""
+def _quantize_embeddings(model: nn.Module, config: QuantConfig, family: Family | None) -> int:
+    """Quantize the word embeddings, everything tied to them, and Linear layers tied to them; returns how many."""
+    method = config.resolved_embedding_method
+    if method is None:
+        return 0
+    modules = list(model.named_modules(remove_duplicate=False))
+    if family is not None:
+        chosen = [module for name, module in modules if isinstance(module, nn.Embedding)
+                  and matches(family.embeddings, name)]
+    else:
+        get_embeddings = getattr(model, "get_input_embeddings", None)
+        embedding = get_embeddings() if callable(get_embeddings) else None
+        chosen = [embedding] if isinstance(embedding, nn.Embedding) else []
+    weights = {id(module.weight) for module in chosen}
+    tied = [(name, module) for name, module in modules if isinstance(module, nn.Embedding)
+            and id(module.weight) in weights]
+    count, done = 0, {}
+    for name, module in tied:
+        if isinstance(module, QuantEmbedding) or id(module) in done:
+            continue
+        quantized = quantize_embedding(module, weight_method=method, ste=config.ste)
+        quantized.layer_name = name
+        done[id(module)] = quantized
+        _replace(model, module, quantized)
+        count += 1
+    weights |= {id(module.weight) for module in model.modules() if isinstance(module, QuantEmbedding)}
     for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLinear):
-            model.set_submodule(name, module.to_linear())
+        if type(module) is nn.Linear and id(module.weight) in weights:
+            head = _quantized_linear(module, config.tied_head_options())
+            head.layer_name = name
+            _replace(model, module, head)
+            count += 1
+    return count
+
+
+def dequantize_(model: nn.Module) -> nn.Module:
+    """Undo ``quantize_`` in place: plain ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` (subclasses get their class
+    back) / attention sharing the latent Parameters, so the model computes exactly what it did before."""
+    seen = set()
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if not name and isinstance(module, (QuantLinear, QuantEmbedding)):
+            raise TypeError(f"dequantize_ undoes layers inside a model; got the layer itself ({type(module).__name__})")
+        if isinstance(module, QuantConv1D):
+            _replace(model, module, module.to_conv1d())
+        elif isinstance(module, QuantLinear):
+            _replace(model, module, module.to_linear())
         elif isinstance(module, QuantEmbedding):
-            model.set_submodule(name, module.to_embedding())
+            _replace(model, module, dequantize_embedding(module))
         elif isinstance(module, QuantSelfAttentionMixin):
             dequantize_attention(module)
     return model

@@ -230,9 +230,13 @@ def act_params(
     if clip is None or clip.numel() != 2:
         raise ValueError(f"act_method={method!r} needs act_clip of 2 elements (lo, hi), got {clip!r}")
     lo, hi = clip.detach().float().reshape(2).unbind()
+    zero = torch.zeros((), device=x.device)
+    if x.numel() == 0:
+        # An empty batch has no range: step 0 (the fake-quant then returns an empty tensor).
+        return lo, hi, zero, zero.clone(), qmin, qmax
     clamped = torch.minimum(torch.maximum(x.detach().float(), lo), hi)
     if method == "sym":
-        return lo, hi, torch.zeros((), device=x.device), clamped.abs().amax() / qmax, qmin, qmax
+        return lo, hi, zero, clamped.abs().amax() / qmax, qmin, qmax
     low, high = clamped.amin(), clamped.amax()
     return lo, hi, low, (high - low) / qmax, qmin, qmax
 
@@ -294,7 +298,8 @@ class _ActQuantLSQ(torch.autograd.Function):
         grad_step = None
         if ctx.needs_input_grad[1]:
             local = torch.where(below, float(qmin), torch.where(above, float(qmax), torch.round(v) - v))
-            scale = 1.0 / math.sqrt(x.numel() * qmax)
+            # LSQ's gradient scale 1 / sqrt(numel * qmax); an empty batch contributes a zero gradient.
+            scale = 1.0 / math.sqrt(x.numel() * qmax) if x.numel() else 0.0
             grad_step = ((grad_output.float() * local).sum() * scale).to(step.dtype).reshape(step.shape)
         return grad_x, grad_step, None, None
 
@@ -324,7 +329,9 @@ def quantize_act(
 
 
 def lsq_init_step(x: torch.Tensor, bits: int, signed: bool = True) -> torch.Tensor:
-    """LSQ step initialisation ``2 * mean(|x|) / sqrt(qmax)`` (float32 scalar)."""
+    """LSQ step initialisation ``2 * mean(|x|) / sqrt(qmax)`` (float32 scalar). ``x`` must not be empty."""
+    if x.numel() == 0:
+        raise ValueError(f"the LSQ step cannot be initialised from an empty tensor (shape {tuple(x.shape)})")
     _, qmax = act_qrange("lsq", bits, signed)
     return 2 * x.detach().float().abs().mean() / math.sqrt(qmax)
 

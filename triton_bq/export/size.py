@@ -164,10 +164,12 @@ class _Accountant:
         bits = weight_bits(module.weight_method)
         component = "binary weights" if bits == 1 else "ternary weights"
         numel = weight.numel()
+        # Packed as [out_features, in_features] rows (a Conv1D's weight Parameter is stored transposed).
+        rows, columns = (module.out_features, module.in_features) if isinstance(module, QuantLinear) else weight.shape
         self.entries.append(
-            SizeEntry(f"{prefix}weight", component, numel, bits, packed_bytes(*weight.shape, bits), FP32_BYTES * numel)
+            SizeEntry(f"{prefix}weight", component, numel, bits, packed_bytes(rows, columns, bits), FP32_BYTES * numel)
         )
-        scales = scale_count(module.weight.shape[0], module.granularity)
+        scales = scale_count(rows, module.granularity)
         self.entries.append(SizeEntry(f"{prefix}weight_scale", "weight scales", scales, 32, FP32_BYTES * scales, 0))
 
     def buffer(self, name: str, buffer: torch.Tensor, component: str) -> None:

@@ -23,8 +23,8 @@ class ActQuantizer(nn.Module):
     """Per-tensor activation fake-quantizer with learnable parameters.
 
     ``method="sym"``/``"asym"`` hold a learnable clip pair ``clip = [lo, hi]`` (init ``[-clip_init, clip_init]``,
-    PACT-style gradient); ``method="lsq"`` holds a learnable ``step`` initialised from the first batch it sees
-    (``2 * mean|x| / sqrt(qmax)``, averaged over processes under ``torch.distributed``).
+    PACT-style gradient); ``method="lsq"`` holds a learnable ``step`` initialised from the first non-empty batch it
+    sees (``2 * mean|x| / sqrt(qmax)``, averaged over processes under ``torch.distributed``).
     Call it on a tensor to fake-quantize it, or give ``op_options`` / ``op_tensors`` to ``quant_linear`` to fuse it.
     """
 
@@ -44,7 +44,8 @@ class ActQuantizer(nn.Module):
             self.clip = nn.Parameter(torch.tensor([-float(clip_init), float(clip_init)]))
 
     def _maybe_init_step(self, x: torch.Tensor) -> None:
-        if self.method != "lsq" or self._initialized_seen:
+        # An empty batch carries no statistics: the step waits for the first non-empty one.
+        if self.method != "lsq" or self._initialized_seen or x.numel() == 0:
             return
         if not bool(self.initialized):
             step = reference.lsq_init_step(x, self.bits, self.signed).to(self.step.device)

@@ -1,23 +1,42 @@
-"""Quantized self-attention for BERT-family models (Hugging Face ``*SelfAttention`` with query/key/value).
+"""Quantized attention for Hugging Face models: Q, K, V and the attention probabilities fake-quantized.
 
 The paper quantizes Q and K before ``Q K^T``, V before ``P V`` and the attention probabilities ``P``; the
-pre-softmax scores stay in full precision. ``quantize_attention`` swaps the class of an existing attention
-module in place (its Linear children and their Parameters are untouched) and adds the four quantizers;
+pre-softmax scores stay in full precision. Every family of ``triton_bq.arch`` computes its attention through
+transformers' attention interface (``ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, ...)``)
+after its own projections, rotary embeddings, cache update and head bookkeeping. ``quantize_attention`` therefore
+keeps the module's own ``forward`` and swaps its class in place (``triton_bq.nn.swap``: picklable) to one whose
+``config`` reads as the model's config except for ``_attn_implementation``, which selects
+``quantized_attention_forward``: eager attention with the module's four quantizers (grouped K/V heads, T5's position
+bias, boolean / additive / implicit causal masks). Its Linear children and their Parameters are untouched;
 ``dequantize_attention`` undoes it. The swapped module can also keep its pre-softmax scores for attention
 distillation (``record_scores = True``; masked positions are zero in ``scores``).
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 
 from triton_bq.nn.activation import ActQuantizer
+from triton_bq.nn.swap import original_class, swap_class, unswap_class
 
-__all__ = ["QuantSelfAttentionMixin", "is_bert_self_attention", "quantize_attention", "dequantize_attention"]
+__all__ = [
+    "ATTENTION_IMPLEMENTATION",
+    "QuantSelfAttentionMixin",
+    "dequantize_attention",
+    "dispatches_attention",
+    "is_bert_self_attention",
+    "quantize_attention",
+    "quantized_attention_forward",
+]
 
-_QUANT_CLASSES: dict[type, type] = {}
+# The name under which ``quantized_attention_forward`` is registered in transformers' AttentionInterface.
+ATTENTION_IMPLEMENTATION = "triton_bq_quantized"
+QUANTIZER_NAMES = ("query_quantizer", "key_quantizer", "value_quantizer", "probs_quantizer")
 _MASKED_BELOW = -1.0e2
 
 
@@ -31,63 +50,142 @@ def is_bert_self_attention(module: nn.Module) -> bool:
     )
 
 
+def dispatches_attention(module: nn.Module) -> bool:
+    """Whether ``module`` is a Hugging Face attention that computes through the attention interface (its config has
+    ``_attn_implementation`` and its modeling file uses ``ALL_ATTENTION_FUNCTIONS``), i.e. can be quantized here."""
+    cls = original_class(module) or type(module)
+    modeling = sys.modules.get(cls.__module__)
+    config = module.__dict__.get("config")
+    return (
+        hasattr(config, "_attn_implementation")
+        and getattr(modeling, "ALL_ATTENTION_FUNCTIONS", None) is not None
+    )
+
+
+class _QuantizedAttentionConfig:
+    """A quantized attention module's view of its model config: every attribute is the config's (reads and writes),
+    except ``_attn_implementation``, which names ``quantized_attention_forward``."""
+
+    __slots__ = ("_config",)
+
+    def __init__(self, config):
+        object.__setattr__(self, "_config", config)
+
+    @property
+    def _attn_implementation(self) -> str:
+        return ATTENTION_IMPLEMENTATION
+
+    def __getattr__(self, name):
+        return getattr(object.__getattribute__(self, "_config"), name)
+
+    def __setattr__(self, name, value):
+        setattr(object.__getattribute__(self, "_config"), name, value)
+
+
 class QuantSelfAttentionMixin:
-    """Eager attention with fake-quantized Q, K, V and probabilities; mixed in front of the original class."""
+    """Mixed in front of a Hugging Face attention class by ``quantize_attention``: the module's ``config`` selects
+    ``quantized_attention_forward``; ``query_quantizer`` ... ``probs_quantizer`` are its ``ActQuantizer`` (or
+    ``None``); ``record_scores = True`` keeps the pre-softmax scores of the latest forward in ``scores``."""
 
     record_scores: bool = False
 
-    def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):
-        hidden_shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
-        query = self.query(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
-        if past_key_values is not None:
-            cache = getattr(past_key_values, "self_attention_cache", past_key_values)
-            key, value = cache.update(key, value, self.layer_idx)
-        if self.query_quantizer is not None:
-            query, key, value = self.query_quantizer(query), self.key_quantizer(key), self.value_quantizer(value)
-        scaling = getattr(self, "scaling", self.attention_head_size**-0.5)
-        scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-        keep = None
-        if attention_mask is not None:
-            if attention_mask.dtype == torch.bool:
-                keep = attention_mask
-                masked = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
-            else:
-                keep = attention_mask > _MASKED_BELOW
-                masked = scores + attention_mask
+    @property
+    def config(self):
+        return _QuantizedAttentionConfig(self.__dict__["config"])
+
+    @config.setter
+    def config(self, value):
+        self.__dict__["config"] = value
+
+
+def _repeat_heads(tensor: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B, H, S, D] -> [B, H * groups, S, D]``, each head repeated ``groups`` times (grouped-query attention)."""
+    if groups == 1:
+        return tensor
+    batch, heads, length, dim = tensor.shape
+    return tensor[:, :, None].expand(batch, heads, groups, length, dim).reshape(batch, heads * groups, length, dim)
+
+
+def quantized_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    position_bias: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention with fake-quantized Q, K, V (before the inner products) and probabilities (before ``P V``).
+
+    ``query`` ``[B, H, L, D]``, ``key``/``value`` ``[B, H_kv, S, D]`` (after rotary embeddings and the cache update,
+    repeated to ``H`` heads after quantization), ``attention_mask`` additive float, boolean (True keeps) or ``None``
+    (then causal when ``module.is_causal``, as transformers' SDPA path). ``position_bias`` is T5's. Returns
+    ``(output [B, L, H, D], probabilities)`` like transformers' eager functions, with the same arithmetic order.
+    """
+    quantizers = [getattr(module, name, None) for name in QUANTIZER_NAMES]
+    if quantizers[0] is not None:
+        query, key, value = quantizers[0](query), quantizers[1](key), quantizers[2](value)
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = _repeat_heads(key, groups), _repeat_heads(value, groups)
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if position_bias is not None:
+        scores = scores + position_bias
+    keep = None
+    masked = scores
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, : key.shape[-2]]
+        if mask.dtype == torch.bool:
+            keep = mask
+            masked = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
         else:
-            masked = scores
-        if self.record_scores:
-            self.scores = scores if keep is None else torch.where(keep, scores, torch.zeros_like(scores))
-        probs = F.softmax(masked, dim=-1, dtype=torch.float32).to(query.dtype)
-        if self.probs_quantizer is not None:
-            probs = self.probs_quantizer(probs)
-        probs = self.dropout(probs)
-        output = torch.matmul(probs, value).transpose(1, 2).contiguous()
-        return output.reshape(*hidden_states.shape[:-1], -1), probs
+            keep = mask > _MASKED_BELOW
+            masked = scores + mask
+    elif getattr(module, "is_causal", True) and query.shape[2] > 1:
+        # transformers' SDPA masks are None where SDPA applies its own causal mask: apply it here.
+        length, keys = query.shape[2], key.shape[2]
+        keep = torch.ones(length, keys, dtype=torch.bool, device=scores.device).tril(keys - length)
+        masked = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+    if getattr(module, "record_scores", False):
+        module.scores = scores if keep is None else torch.where(keep, scores, torch.zeros_like(scores))
+    probs = F.softmax(masked, dim=-1, dtype=torch.float32).to(query.dtype)
+    if quantizers[3] is not None:
+        probs = quantizers[3](probs)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    output = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return output, probs
 
 
-def _quant_class(cls: type) -> type:
-    if cls not in _QUANT_CLASSES:
-        _QUANT_CLASSES[cls] = type(f"Quant{cls.__name__}", (QuantSelfAttentionMixin, cls), {})
-    return _QUANT_CLASSES[cls]
+transformers.AttentionInterface.register(ATTENTION_IMPLEMENTATION, quantized_attention_forward)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(module.parameters(), None)
+    return torch.device("cpu") if tensor is None else tensor.device
 
 
 def quantize_attention(module: nn.Module, act_bits: int | None = 8, clip_init: float = 2.5) -> nn.Module:
-    """Swap a BERT-style self-attention to its quantized class in place and return it.
+    """Swap a Hugging Face attention module to its quantized class in place and return it.
 
     ``act_bits=8``: Q, K, V symmetric uniform with learnable clips, probabilities asymmetric min-max.
     ``act_bits<8``: LSQ, unsigned for the probabilities. ``act_bits=None``: full precision (eager attention
-    that can record scores, used for teachers in distillation).
+    that can record scores, used for teachers in distillation). Quantizing an already quantized module replaces
+    its quantizers. Raises TypeError for a module that does not compute through transformers' attention interface
+    (``dispatches_attention``).
     """
-    if not is_bert_self_attention(module):
-        raise TypeError(f"module must be a BERT-style self-attention, got {type(module).__name__}")
-    base = type(module).__mro__[2] if isinstance(module, QuantSelfAttentionMixin) else type(module)
-    device = module.query.weight.device
-    module.__class__ = _quant_class(base)
+    if not dispatches_attention(module):
+        raise TypeError(
+            f"module must be a Hugging Face attention computing through transformers' attention interface, got "
+            f"{type(module).__name__}"
+        )
+    device = _device_of(module)
+    if not isinstance(module, QuantSelfAttentionMixin):
+        swap_class(module, (QuantSelfAttentionMixin, type(module)))
     if act_bits is None:
-        quantizers = dict(query_quantizer=None, key_quantizer=None, value_quantizer=None, probs_quantizer=None)
+        quantizers = dict.fromkeys(QUANTIZER_NAMES)
     else:
         probs_method = "asym" if act_bits == 8 else "lsq"
         quantizers = dict(
@@ -105,9 +203,8 @@ def dequantize_attention(module: nn.Module) -> nn.Module:
     """Undo ``quantize_attention``: restore the original class and drop the quantizers."""
     if not isinstance(module, QuantSelfAttentionMixin):
         raise TypeError(f"module is not a quantized attention, got {type(module).__name__}")
-    for name in ("query_quantizer", "key_quantizer", "value_quantizer", "probs_quantizer"):
+    for name in QUANTIZER_NAMES:
         delattr(module, name)
     module.__dict__.pop("scores", None)
     module.__dict__.pop("record_scores", None)
-    module.__class__ = type(module).__mro__[2]
-    return module
+    return unswap_class(module)

@@ -1,7 +1,10 @@
 """Drop-in quantized word embedding: ``QuantEmbedding``, row-wise binary or ternary.
 
 The latent table stays the ``weight`` Parameter (same state dict keys as ``nn.Embedding``), and
-``from_embedding``/``to_embedding`` share it instead of copying.
+``from_embedding``/``to_embedding`` share it instead of copying. ``quantize_embedding`` also handles ``nn.Embedding``
+subclasses (BART's ``BartScaledWordEmbedding`` multiplies by ``embed_scale``): their class is swapped in place to one
+whose lookup is ``QuantEmbedding``'s and whose own ``forward`` (the scale) still runs; ``dequantize_embedding`` undoes
+either form.
 """
 
 from __future__ import annotations
@@ -11,19 +14,25 @@ from torch import nn
 
 from triton_bq import ops
 from triton_bq.nn.activation import second_moment_of
+from triton_bq.nn.linear import check_finite_weight
+from triton_bq.nn.swap import original_class, swap_class, unswap_class
 from triton_bq.options import STES, WEIGHT_METHODS, check_choice
 
-__all__ = ["QuantEmbedding"]
+__all__ = ["QuantEmbedding", "dequantize_embedding", "quantize_embedding"]
 
 
 class QuantEmbedding(nn.Embedding):
     """``nn.Embedding`` with row-wise binary (``"bwn"``) or ternary (``"twn"``/``"lat"``) weights.
 
     Only the looked-up rows are quantized (each row has its own scale), and the latent table stays the
-    ``weight`` Parameter. ``max_norm`` and sparse gradients are not supported.
+    ``weight`` Parameter. ``max_norm`` and sparse gradients are not supported. A looked-up row holding a NaN or inf
+    raises a ValueError naming the layer (``layer_name``), at the cost of one host synchronization per forward on CUDA
+    (``check_finite = False`` turns it off; see ``triton_bq.nn.linear``).
     """
 
     granularity = "row"
+    layer_name: str | None = None
+    check_finite: bool = True
 
     def __init__(
         self,
@@ -61,6 +70,8 @@ class QuantEmbedding(nn.Embedding):
         return embedding
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.weight_method is not None and self.check_finite:
+            check_finite_weight(self, torch.nn.functional.embedding(input_ids, self.weight))
         moment = second_moment_of(self) if self.weight_method == "lat" else None
         return ops.quant_embedding(
             input_ids, self.weight, weight_method=self.weight_method, ste=self.ste, second_moment=moment,
@@ -69,3 +80,43 @@ class QuantEmbedding(nn.Embedding):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight_method={self.weight_method!r}, ste={self.ste!r}"
+
+
+def _check_embedding(embedding: nn.Module) -> None:
+    if not isinstance(embedding, nn.Embedding):
+        raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
+    if embedding.max_norm is not None or embedding.sparse:
+        raise ValueError("QuantEmbedding does not support max_norm or sparse embeddings")
+
+
+def quantize_embedding(
+    embedding: nn.Embedding, weight_method: str | None = "bwn", ste: str = "identity"
+) -> nn.Embedding:
+    """The quantized form of ``embedding`` (sharing its ``weight`` Parameter).
+
+    A plain ``nn.Embedding`` gives a new ``QuantEmbedding``. An ``nn.Embedding`` subclass keeps its object and its own
+    ``forward`` (e.g. a scale): its class is swapped in place to a subclass of both its class and ``QuantEmbedding``,
+    whose lookup (``super().forward``) is the quantized one.
+    """
+    _check_embedding(embedding)
+    check_choice("weight_method", weight_method, WEIGHT_METHODS, allow_none=True)
+    check_choice("ste", ste, STES)
+    if type(embedding) is nn.Embedding:
+        return QuantEmbedding.from_embedding(embedding, weight_method=weight_method, ste=ste)
+    if isinstance(embedding, QuantEmbedding):
+        raise TypeError(f"embedding is already quantized ({type(embedding).__name__})")
+    swap_class(embedding, (type(embedding), QuantEmbedding))
+    embedding.weight_method, embedding.ste = weight_method, ste
+    return embedding
+
+
+def dequantize_embedding(module: QuantEmbedding) -> nn.Embedding:
+    """Undo ``quantize_embedding``: a plain ``nn.Embedding`` sharing the latent weight, or the swapped subclass
+    instance with its original class back."""
+    if not isinstance(module, QuantEmbedding):
+        raise TypeError(f"module must be a QuantEmbedding, got {type(module).__name__}")
+    if original_class(module) is None:
+        return module.to_embedding()
+    for name in ("weight_method", "ste", "layer_name"):
+        module.__dict__.pop(name, None)
+    return unswap_class(module)

@@ -126,14 +126,16 @@ class PackedLinear(nn.Module):
 
     @classmethod
     def from_quant_linear(cls, module: nn.Module, backend: str = "auto") -> PackedLinear:
-        """Pack a ``triton_bq.QuantLinear`` (``BinaryLinear`` / ``TernaryLinear``) with the codes and scale its forward
-        pass uses now (LAT reads the attached optimizer's state). The activation quantizer is copied."""
+        """Pack a ``triton_bq.QuantLinear`` (``BinaryLinear`` / ``TernaryLinear`` / ``QuantConv1D``, in its
+        ``[out_features, in_features]`` layout) with the codes and scale its forward pass uses now (LAT reads the
+        attached optimizer's state). The activation quantizer is copied."""
         if not isinstance(module, QuantLinear):
             raise TypeError(f"module must be a triton_bq.QuantLinear, got {type(module).__name__}")
         if module.weight_method is None:
             raise ValueError("module has weight_method=None: a full-precision weight has nothing to pack")
         scale, threshold = module.weight_scale_threshold()
-        packed = pack_weight(module.weight, module.weight_method, module.granularity, scale=scale, threshold=threshold)
+        weight = module.linear_weight().detach().contiguous()
+        packed = pack_weight(weight, module.weight_method, module.granularity, scale=scale, threshold=threshold)
         quantizer = copy.deepcopy(module.act_quantizer)
         bias = None if module.bias is None else module.bias.detach().clone()
         return cls.from_packed(packed, bias, quantizer, backend)

@@ -57,7 +57,7 @@ from triton_bq import reference
 from triton_bq.arch import BERT_SPLIT_GROUPS
 from triton_bq.nn.activation import second_moment_of
 from triton_bq.nn.embedding import QuantEmbedding
-from triton_bq.nn.linear import BinaryLinear, TernaryLinear
+from triton_bq.nn.linear import BinaryLinear, QuantConv1D, QuantLinear
 from triton_bq.nn.split import SplitBinaryEmbedding, SplitBinaryLinear
 
 __all__ = [
@@ -205,65 +205,80 @@ def split_ternary_weight(
 
 
 def is_ternary_module(module: nn.Module) -> bool:
-    """A ``TernaryLinear`` or a ``QuantEmbedding`` with a ternary (``"twn"``/``"lat"``) weight method."""
-    if isinstance(module, TernaryLinear):
-        return True
-    return isinstance(module, QuantEmbedding) and module.weight_method in TERNARY_METHODS
+    """A ``QuantLinear`` (``TernaryLinear``, ternary ``QuantConv1D``) or a ``QuantEmbedding`` with a ternary
+    (``"twn"``/``"lat"``) weight method."""
+    return isinstance(module, (QuantLinear, QuantEmbedding)) and module.weight_method in TERNARY_METHODS
+
+
+def _latent(module: nn.Module) -> torch.Tensor:
+    """The latent weight in the layout its scales are grouped by (``[out, in]`` for Linear / Conv1D)."""
+    return module.linear_weight() if isinstance(module, QuantLinear) else module.weight
 
 
 def _ternary_weight_options(module):
     """``split_ternary_weight`` keyword arguments reproducing the ternary quantizer of ``module``."""
     if module.weight_method == "lat":
-        granularity = "row" if isinstance(module, QuantEmbedding) else module.granularity
-        scale, threshold = reference.lat_scale_threshold(module.weight, second_moment_of(module), granularity)
+        if isinstance(module, QuantLinear):
+            scale, threshold = module.weight_scale_threshold()
+        else:
+            scale, threshold = reference.lat_scale_threshold(module.weight, second_moment_of(module), "row")
         return dict(method="lat", scale=scale, threshold=threshold)
     return dict(method="twn")
 
 
-def _split_halves(module: nn.Module, granularity: str, initialize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _split_halves(module: nn.Module, granularity: str, initialize: bool) -> tuple[nn.Parameter, nn.Parameter]:
+    latent = _latent(module)
     if not initialize:
-        half = module.weight.detach() / 2
-        return half, half.clone()
-    return split_ternary_weight(module.weight, granularity, **_ternary_weight_options(module))
+        half = latent.detach() / 2
+        halves = half, half.clone()
+    else:
+        halves = split_ternary_weight(latent, granularity, **_ternary_weight_options(module))
+    return tuple(nn.Parameter(half.contiguous(), requires_grad=module.weight.requires_grad) for half in halves)
 
 
-def _split_linear(module: TernaryLinear, initialize: bool) -> SplitBinaryLinear:
-    w1, w2 = _split_halves(module, module.granularity, initialize)
-    halves = []
-    for latent in (w1, w2):
+def _split_linear(module: QuantLinear, halves: tuple[nn.Parameter, nn.Parameter]) -> SplitBinaryLinear:
+    split = []
+    for latent in halves:
         half = BinaryLinear(
             module.in_features, module.out_features, bias=module.bias is not None, device="meta",
             granularity=module.granularity, ste=module.ste, backend=module.backend,
         )
-        half.weight = nn.Parameter(latent, requires_grad=module.weight.requires_grad)
+        half.weight = latent
         if module.bias is not None:
             half.bias = nn.Parameter(module.bias.detach() / 2, requires_grad=module.bias.requires_grad)
         half.act_quantizer = copy.deepcopy(module.act_quantizer)
         half.train(module.training)
-        halves.append(half)
-    return SplitBinaryLinear.from_halves(*halves)
+        split.append(half)
+    return SplitBinaryLinear.from_halves(*split)
 
 
-def _split_embedding(module: QuantEmbedding, initialize: bool) -> SplitBinaryEmbedding:
-    w1, w2 = _split_halves(module, "row", initialize)
-    halves = []
-    for latent in (w1, w2):
+def _split_embedding(module: QuantEmbedding, halves: tuple[nn.Parameter, nn.Parameter]) -> SplitBinaryEmbedding:
+    split = []
+    for latent in halves:
         half = QuantEmbedding(
             module.num_embeddings, module.embedding_dim, module.padding_idx, device="meta",
             weight_method="bwn", ste=module.ste,
         )
-        half.weight = nn.Parameter(latent, requires_grad=module.weight.requires_grad)
+        half.weight = latent
         half.train(module.training)
-        halves.append(half)
-    return SplitBinaryEmbedding.from_halves(*halves)
+        split.append(half)
+    return SplitBinaryEmbedding.from_halves(*split)
 
 
 def _binarize(module: nn.Module) -> nn.Module:
     """The BWN layer on the same latent Parameters (and the same activation quantizer) as a ternary layer."""
     if isinstance(module, QuantEmbedding):
         return QuantEmbedding.from_embedding(module, weight_method="bwn", ste=module.ste)
-    binary = BinaryLinear.from_linear(module, granularity=module.granularity, ste=module.ste, backend=module.backend)
+    options = dict(granularity=module.granularity, ste=module.ste, backend=module.backend)
+    if isinstance(module, QuantConv1D):
+        binary = QuantConv1D(module.in_features, module.out_features, bias=module.bias is not None, device="meta",
+                             weight_method="bwn", **options)
+        binary.weight, binary.bias = module.weight, module.bias
+        binary.train(module.training)
+    else:
+        binary = BinaryLinear.from_linear(module, **options)
     binary.act_quantizer = module.act_quantizer
+    binary.layer_name = module.layer_name
     return binary
 
 
@@ -318,6 +333,14 @@ def split_ternary_to_binary(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     targets = [(name, module) for name, module in model.named_modules() if is_ternary_module(module)]
+    if not targets:
+        found = sorted({type(module).__name__ for module in model.modules()
+                        if isinstance(module, (QuantLinear, QuantEmbedding, SplitBinaryLinear, SplitBinaryEmbedding))})
+        raise ValueError(
+            f"split_ternary_to_binary: {type(model).__name__} has no ternary layer (TernaryLinear, ternary "
+            f"QuantConv1D or QuantEmbedding) to split; its quantized layers: {', '.join(found) or 'none'}. Quantize "
+            f"it with triton_bq.quantize_(model, QuantConfig(weight_method='twn' or 'lat')) first"
+        )
     names = [name for name, _ in targets]
     if include is None:
         selected = set(names)
@@ -335,10 +358,16 @@ def split_ternary_to_binary(
                 raise ValueError(f"include names {entry!r}, which is neither a ternary module nor a split candidate "
                                  f"of this model")
     replacement = model
+    # Layers tied to one latent weight (a word embedding and the lm_head) share its split halves too.
+    halves_of: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
     for name, module in targets:
         if name in selected:
+            granularity = "row" if isinstance(module, QuantEmbedding) else module.granularity
+            key = id(module.weight)
+            if key not in halves_of or halves_of[key][0].shape != _latent(module).shape or granularity != "row":
+                halves_of[key] = _split_halves(module, granularity, initialize)
             split = _split_embedding if isinstance(module, QuantEmbedding) else _split_linear
-            new = split(module, initialize)
+            new = split(module, halves_of[key])
         else:
             new = _binarize(module)
         if name:
