@@ -109,29 +109,93 @@ def _gemm(block_m, block_n, block_k, warps, stages, group=8):
     return config(warps, stages, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group)
 
 
+# Candidates in order of preference; ``linear`` keeps those that fit the target (``linear_shared_bound``) and puts
+# the spill-free ones first, so the default is the first survivor. The 227 KB parts (sm_90, sm_100) keep the big
+# tiles; the 163 KB sm_80 and the 99 KB parts (sm_86, sm_89, sm_120) fall through to the smaller ones. The last
+# entry of each list fits every target for every operand dtype.
 _LINEAR = {
     # y^T tile [BLOCK_N, BLOCK_M] = codes [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, BLOCK_M]
-    "fwd": (_gemm(128, 128, 64, 8, 3), _gemm(64, 128, 64, 4, 4), _gemm(128, 128, 128, 8, 3), _gemm(256, 128, 64, 8, 3)),
+    "fwd": (_gemm(128, 128, 64, 8, 3), _gemm(64, 128, 64, 4, 4), _gemm(128, 128, 128, 8, 3), _gemm(256, 128, 64, 8, 3),
+            _gemm(128, 128, 32, 8, 3), _gemm(64, 128, 32, 4, 3), _gemm(128, 64, 32, 4, 2)),
     # grad_x^T tile [BLOCK_K, BLOCK_M] = codes^T [BLOCK_K, BLOCK_N] @ grad_y^T [BLOCK_N, BLOCK_M]
-    "bwd_x": (_gemm(128, 64, 128, 8, 3), _gemm(64, 64, 128, 4, 4), _gemm(128, 64, 64, 4, 4), _gemm(256, 64, 128, 8, 3)),
+    "bwd_x": (_gemm(128, 64, 128, 8, 3), _gemm(64, 64, 128, 4, 4), _gemm(128, 64, 64, 4, 4), _gemm(256, 64, 128, 8, 3),
+              _gemm(64, 64, 128, 8, 3), _gemm(64, 32, 128, 4, 3), _gemm(64, 32, 64, 4, 2)),
     # grad_w^T tile [BLOCK_K, BLOCK_N] = q^T [BLOCK_K, BLOCK_M] @ grad_y [BLOCK_M, BLOCK_N]
-    "bwd_w": (_gemm(64, 128, 128, 8, 3), _gemm(64, 64, 128, 4, 4), _gemm(64, 256, 128, 8, 3), _gemm(64, 128, 64, 4, 4)),
+    "bwd_w": (_gemm(64, 128, 128, 8, 3), _gemm(64, 64, 128, 4, 4), _gemm(64, 256, 128, 8, 3), _gemm(64, 128, 64, 4, 4),
+              _gemm(32, 128, 128, 8, 3), _gemm(32, 64, 128, 4, 3), _gemm(32, 64, 64, 4, 2)),
 }
 _LINEAR_FP32 = {
-    "fwd": (_gemm(64, 64, 32, 4, 3), _gemm(128, 64, 32, 4, 3)),
-    "bwd_x": (_gemm(64, 32, 64, 4, 3), _gemm(128, 32, 64, 4, 3)),
-    "bwd_w": (_gemm(32, 64, 64, 4, 3), _gemm(32, 128, 64, 4, 3)),
+    "fwd": (_gemm(64, 64, 32, 4, 3), _gemm(128, 64, 32, 4, 3), _gemm(64, 64, 32, 4, 2)),
+    "bwd_x": (_gemm(64, 32, 64, 4, 3), _gemm(128, 32, 64, 4, 3), _gemm(64, 32, 64, 4, 2)),
+    "bwd_w": (_gemm(32, 64, 64, 4, 3), _gemm(32, 128, 64, 4, 3), _gemm(32, 64, 64, 4, 2)),
 }
 
 
-def linear(kernel: str, target: Target | None, dot_dtype: torch.dtype) -> tuple:
-    """Configs of one fused-linear GEMM (``"fwd"``, ``"bwd_x"`` or ``"bwd_w"``) for ``target``."""
+@dataclass(frozen=True)
+class LinearOperands:
+    """What the shared memory and register use of a fused-linear GEMM depends on besides its config."""
+
+    x_bytes: int  # element size of the x operand as loaded (x, or the codes buffer in the dot dtype)
+    weight_bytes: int  # element size of the latent weight
+    dot_bytes: int  # element size of the dot dtype (2, or 4 for float32 dots)
+    act_fused: bool  # activation codes computed from x in the main loop
+    partials: bool  # grad_x also reduces clip / LSQ-step partial sums in its epilogue
+
+
+def linear_shared_bound(kernel: str, option: triton.Config, operands: LinearOperands) -> int:
+    """An upper bound of the shared memory (bytes) of one GEMM config.
+
+    Every pipeline stage holds the raw tiles of the two main-loop loads, and an operand quantized or converted in
+    registers takes one more tile in the dot dtype (Triton stages it through shared memory for the MMA). The
+    compile gate checks the bound against what Triton allocates.
+    """
+    meta = option.kwargs
+    block_m, block_n, block_k = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+    dot = operands.dot_bytes
+    if kernel == "fwd":  # codes [BN, BK] from w, x^T [BK, BM]
+        raw = block_n * block_k * operands.weight_bytes + block_k * block_m * operands.x_bytes
+        converted = block_n * block_k * dot
+        converted += block_k * block_m * dot if operands.act_fused or operands.x_bytes != dot else 0
+    elif kernel == "bwd_x":  # codes^T [BK, BN] from w, grad_y^T [BN, BM] in the dot dtype
+        raw = block_k * block_n * operands.weight_bytes + block_n * block_m * dot
+        converted = block_k * block_n * dot
+    else:  # q^T [BK, BM] from x, grad_y [BM, BN] in the dot dtype
+        raw = block_k * block_m * operands.x_bytes + block_m * block_n * dot
+        converted = block_k * block_m * dot if operands.act_fused or operands.x_bytes != dot else 0
+    return option.num_stages * raw + converted
+
+
+def _spill_prone(kernel: str, option: triton.Config, operands: LinearOperands, target: Target) -> bool:
+    """Configs whose per-thread live tiles exceed the register file with this operand mix (from the compile gate):
+    grad_x with partial sums holds the accumulator, the x tile and the masks of a [BK, BM] tile at once; the fused
+    forward on sm_8x (no register-operand wgmma) keeps the float32 x tile, its codes and the accumulator live."""
+    meta = option.kwargs
+    threads = 32 * option.num_warps
+    if kernel == "bwd_x" and operands.partials:
+        return meta["BLOCK_K"] * meta["BLOCK_M"] // threads > 32
+    if kernel == "fwd" and operands.act_fused and target.capability < 90:
+        return meta["BLOCK_K"] * (meta["BLOCK_M"] + meta["BLOCK_N"]) // threads > 48
+    return False
+
+
+def linear(kernel: str, target: Target | None, operands: LinearOperands) -> tuple:
+    """Configs of one fused-linear GEMM (``"fwd"``, ``"bwd_x"`` or ``"bwd_w"``) on ``target``: the candidates that
+    fit its shared memory, spill-free ones first; the first is the default."""
     if kernel not in LINEAR_KERNELS:
         raise ValueError(f"kernel must be one of {LINEAR_KERNELS}, got {kernel!r}")
     if target is None:
         return _LINEAR_INTERPRETER
-    table = _LINEAR_FP32 if dot_dtype == torch.float32 else _LINEAR
-    return first_or_all(table[kernel])
+    table = _LINEAR_FP32 if operands.dot_bytes == 4 else _LINEAR
+    return first_or_all(_fitting(kernel, table[kernel], target, operands))
+
+
+@functools.cache
+def _fitting(kernel: str, candidates: tuple, target: Target, operands: LinearOperands) -> tuple:
+    fits = [option for option in candidates if linear_shared_bound(kernel, option, operands) <= target.shared_memory]
+    if not fits:
+        raise RuntimeError(f"no {kernel} config fits the {target.shared_memory} B of shared memory of {target.name}")
+    calm = [option for option in fits if not _spill_prone(kernel, option, operands, target)]
+    return tuple(calm + [option for option in fits if option not in calm])
 
 
 def linear_slots() -> tuple[int, int]:

@@ -332,9 +332,15 @@ class _Spec(NamedTuple):
     precision: str
 
 
-def _configs(kernel: str, spec: _Spec, device: torch.device) -> tuple:
-    """The launch configs of one GEMM for this call's device and dot dtype (see ``configs.linear``)."""
-    return configs.linear(kernel, configs.target_of(device), spec.dtype)
+def _configs(kernel: str, spec: _Spec, x: torch.Tensor, weight: torch.Tensor, partials: bool = False) -> tuple:
+    """The launch configs of one GEMM for this call's device and operands (see ``configs.linear``); ``x`` is the
+    operand the GEMM loads (x or the codes buffer)."""
+    fused = spec.act != _NONE and not spec.codes
+    operands = configs.LinearOperands(
+        x_bytes=x.element_size(), weight_bytes=weight.element_size(), dot_bytes=spec.dtype.itemsize,
+        act_fused=kernel != "bwd_x" and fused, partials=partials,
+    )
+    return configs.linear(kernel, configs.target_of(x.device), operands)
 
 
 def _flat_scale(name: str, value: torch.Tensor, rows: int) -> torch.Tensor:
@@ -400,7 +406,7 @@ def _forward(x, weight, bias, alpha, delta, params, spec: _Spec) -> torch.Tensor
         ACT=spec.act, X_CODES=x_codes, QMIN=spec.qmin, QMAX=spec.qmax, HAS_BIAS=bias is not None,
         PRECISION=spec.precision,
     )
-    launch(_quant_linear_fwd_kernel, grid, _configs("fwd", spec, x.device), args, constexprs, _AUTOTUNE_KEY)
+    launch(_quant_linear_fwd_kernel, grid, _configs("fwd", spec, operand, weight), args, constexprs, _AUTOTUNE_KEY)
     return y
 
 
@@ -426,7 +432,8 @@ def _backward_x(grad_y, weight, x, alpha, delta, params, spec: _Spec, store_grad
         ACT=spec.act, QMIN=spec.qmin, QMAX=spec.qmax, STORE_GRAD_X=store_grad_x, PARTIALS=partials,
         PRECISION=spec.precision, SLOT_M=_SLOT_M, SLOT_K=_SLOT_K,
     )
-    launch(_quant_linear_bwd_x_kernel, grid, _configs("bwd_x", spec, x.device), args, constexprs, _AUTOTUNE_KEY)
+    options = _configs("bwd_x", spec, x, weight, partials)
+    launch(_quant_linear_bwd_x_kernel, grid, options, args, constexprs, _AUTOTUNE_KEY)
     return grad_x, partial
 
 
@@ -448,7 +455,7 @@ def _backward_w(grad_y, x, weight, params, grad_sum, spec: _Spec) -> torch.Tenso
         ACT=spec.act, X_CODES=x_codes, QMIN=spec.qmin, QMAX=spec.qmax, CLIPPED=spec.clipped,
         PRECISION=spec.precision,
     )
-    launch(_quant_linear_bwd_w_kernel, grid, _configs("bwd_w", spec, x.device), args, constexprs, _AUTOTUNE_KEY)
+    launch(_quant_linear_bwd_w_kernel, grid, _configs("bwd_w", spec, operand, weight), args, constexprs, _AUTOTUNE_KEY)
     return grad_w
 
 
