@@ -116,17 +116,17 @@ def _gemm(block_m, block_n, block_k, warps, stages, group=8):
 _LINEAR = {
     # y^T tile [BLOCK_N, BLOCK_M] = codes [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, BLOCK_M]
     "fwd": (_gemm(128, 128, 64, 8, 3), _gemm(64, 128, 64, 4, 4), _gemm(128, 128, 128, 8, 3), _gemm(256, 128, 64, 8, 3),
-            _gemm(128, 128, 32, 8, 3), _gemm(64, 128, 32, 4, 3), _gemm(128, 64, 32, 4, 2)),
+            _gemm(128, 128, 32, 8, 3), _gemm(64, 128, 32, 8, 3), _gemm(64, 128, 32, 4, 3), _gemm(128, 64, 32, 4, 2)),
     # grad_x^T tile [BLOCK_K, BLOCK_M] = codes^T [BLOCK_K, BLOCK_N] @ grad_y^T [BLOCK_N, BLOCK_M]
     "bwd_x": (_gemm(128, 64, 128, 8, 3), _gemm(64, 64, 128, 4, 4), _gemm(128, 64, 64, 4, 4), _gemm(256, 64, 128, 8, 3),
-              _gemm(64, 64, 128, 8, 3), _gemm(64, 32, 128, 4, 3), _gemm(64, 32, 64, 4, 2)),
+              _gemm(64, 64, 128, 8, 3), _gemm(64, 32, 128, 4, 3), _gemm(64, 32, 64, 8, 2), _gemm(64, 32, 64, 4, 2)),
     # grad_w^T tile [BLOCK_K, BLOCK_N] = q^T [BLOCK_K, BLOCK_M] @ grad_y [BLOCK_M, BLOCK_N]
     "bwd_w": (_gemm(64, 128, 128, 8, 3), _gemm(64, 64, 128, 4, 4), _gemm(64, 256, 128, 8, 3), _gemm(64, 128, 64, 4, 4),
               _gemm(32, 128, 128, 8, 3), _gemm(32, 64, 128, 4, 3), _gemm(32, 64, 64, 4, 2)),
 }
 _LINEAR_FP32 = {
     "fwd": (_gemm(64, 64, 32, 4, 3), _gemm(128, 64, 32, 4, 3), _gemm(64, 64, 32, 4, 2)),
-    "bwd_x": (_gemm(64, 32, 64, 4, 3), _gemm(128, 32, 64, 4, 3), _gemm(64, 32, 64, 4, 2)),
+    "bwd_x": (_gemm(64, 32, 64, 4, 3), _gemm(128, 32, 64, 4, 3), _gemm(64, 32, 64, 8, 2), _gemm(64, 32, 64, 4, 2)),
     "bwd_w": (_gemm(32, 64, 64, 4, 3), _gemm(32, 128, 64, 4, 3), _gemm(32, 64, 64, 4, 2)),
 }
 
@@ -166,15 +166,16 @@ def linear_shared_bound(kernel: str, option: triton.Config, operands: LinearOper
 
 
 def _spill_prone(kernel: str, option: triton.Config, operands: LinearOperands, target: Target) -> bool:
-    """Configs whose per-thread live tiles exceed the register file with this operand mix (from the compile gate):
-    grad_x with partial sums holds the accumulator, the x tile and the masks of a [BK, BM] tile at once; the fused
-    forward on sm_8x (no register-operand wgmma) keeps the float32 x tile, its codes and the accumulator live."""
+    """Configs whose per-thread live tiles exceed the registers with this operand mix (thresholds from the compile
+    gate): grad_x with partial sums holds the accumulator, the x tile and the masks of a [BK, BM] tile at once; the
+    fused forward on sm_8x (no register-operand wgmma) keeps the float32 x tile, its codes and the weight codes
+    live besides the accumulator."""
     meta = option.kwargs
     threads = 32 * option.num_warps
     if kernel == "bwd_x" and operands.partials:
-        return meta["BLOCK_K"] * meta["BLOCK_M"] // threads > 32
+        return meta["BLOCK_K"] * meta["BLOCK_M"] // threads > 16
     if kernel == "fwd" and operands.act_fused and target.capability < 90:
-        return meta["BLOCK_K"] * (meta["BLOCK_M"] + meta["BLOCK_N"]) // threads > 48
+        return meta["BLOCK_K"] * (meta["BLOCK_M"] + meta["BLOCK_N"]) // threads > 24
     return False
 
 
