@@ -340,7 +340,7 @@ def default_config(
     """Launch config (kernel, tile sizes, ``SPLIT_K``, warps, stages) for ``x [M, K] @ W [N, K]^T``.
 
     ``kernel="auto"`` picks the gemv for ``M <= GEMV_MAX_M``; ``"gemv"`` can be forced up to M = 16.
-    ``num_sms=None`` means the interpreter: small tiles, no split. Otherwise the GPU tables above, with
+    ``num_sms=None`` means the interpreter: small tiles, no split. Otherwise the GPU tables (``configs.PACKED_*``), with
     ``SPLIT_K`` chosen so that the grid reaches about two programs per SM.
     """
     kernel = choose_kernel(M) if kernel == "auto" else kernel
