@@ -124,11 +124,11 @@ _LINEAR = {
     "bwd_w": (_gemm(64, 128, 128, 8, 3), _gemm(64, 64, 128, 4, 4), _gemm(64, 256, 128, 8, 3), _gemm(64, 128, 64, 4, 4),
               _gemm(32, 128, 128, 8, 3), _gemm(32, 64, 128, 4, 3), _gemm(32, 64, 64, 4, 2)),
 }
-# IEEE float32 dots run on FMA; with 4 warps ptxas spills the grad GEMMs on sm_80 / sm_89 (compile gate), so
-# their defaults take 8 warps.
+# IEEE float32 dots run on FMA; with 4 warps ptxas spills the grad GEMMs on sm_80 / sm_89 and a 32-wide grad-x
+# reduction step spills on sm_90 (compile gate), so their defaults take 8 warps and grad-x steps by 16.
 _LINEAR_FP32 = {
     "fwd": (_gemm(64, 64, 32, 4, 3), _gemm(128, 64, 32, 4, 3), _gemm(64, 64, 32, 4, 2)),
-    "bwd_x": (_gemm(64, 32, 64, 8, 3), _gemm(64, 32, 64, 4, 3), _gemm(128, 32, 64, 4, 3), _gemm(64, 32, 64, 8, 2),
+    "bwd_x": (_gemm(64, 16, 64, 8, 3), _gemm(64, 32, 64, 4, 3), _gemm(128, 32, 64, 4, 3), _gemm(64, 32, 64, 8, 2),
               _gemm(64, 32, 64, 4, 2)),
     "bwd_w": (_gemm(32, 64, 64, 8, 3), _gemm(32, 64, 64, 4, 3), _gemm(32, 128, 64, 4, 3), _gemm(32, 64, 64, 4, 2)),
 }
