@@ -2,7 +2,8 @@
 
 Providers: ``cublas`` (``F.linear``, bf16 autocast), ``reference`` (``triton_bq.reference.quant_linear``, eager),
 ``compiled`` (``torch.compile`` of the reference), ``triton_bq`` (the fused kernels, default activation path) and
-``triton_bq_codes`` (the fused kernels with ``TRITON_BQ_ACT_PATH=codes``; only timed with activation quantization).
+``triton_bq_codes`` (the fused kernels on the ``codes`` activation path, ``triton_bq.kernels.linear.act_path``;
+only timed with activation quantization).
 Modes: ``fwd``, ``bwd``, ``full`` (fwd+bwd). Every provider runs under ``torch.autocast("cuda", bfloat16)`` with bf16
 activations and latent weights of ``--weight-dtype`` (fp32 master weights by default, as in mixed-precision QAT).
 
@@ -142,17 +143,11 @@ class Case:
         elif provider == "compiled":
             op = compiled_reference
         else:
-            from triton_bq.kernels.linear import fused_quant_linear
-
-            path = "codes" if provider == "triton_bq_codes" else self.kernels_linear._ACT_PATH
+            path = "codes" if provider == "triton_bq_codes" else "fused"
 
             def op(*args, **kwargs):
-                saved = self.kernels_linear._ACT_PATH
-                self.kernels_linear._ACT_PATH = path
-                try:
-                    return fused_quant_linear(*args, **kwargs)
-                finally:
-                    self.kernels_linear._ACT_PATH = saved
+                with self.kernels_linear.act_path(path):
+                    return self.kernels_linear.fused_quant_linear(*args, **kwargs)
 
         return lambda: op(self.x, self.weight, self.bias, options, act_clip=self.clip, act_step=self.step)
 

@@ -1,4 +1,5 @@
-"""Shared launcher helpers: interpreter detection, device checks, output allocation, shared Triton math."""
+"""Shared by every kernel file: the interpreter flag, device checks, output allocation, the one launch path and
+the Triton helpers more than one kernel uses (round half to even, grouped tile order, dot, rounding casts)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ _INTERPRETER_WORKAROUNDS = tl.constexpr(INTERPRET)
 # Tests flip this to fill every output with NaN before a launch, so an element a kernel never writes shows up.
 POISON_OUTPUTS = False
 
+# The offline compile gate (``compile_gate``) installs a callable here: every launch is then handed to it instead of
+# running, and CPU tensors are accepted, so the real launchers enumerate what they would compile on a GPU.
+LAUNCH_RECORDER = None
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -35,7 +40,7 @@ def check_kernel_tensor(name: str, tensor: torch.Tensor, dtypes=SUPPORTED_DTYPES
     if tensor.dtype not in dtypes:
         names = ", ".join(str(dtype) for dtype in dtypes)
         raise TypeError(f"{name} must have dtype in ({names}) for the Triton kernels, got {tensor.dtype}")
-    if not tensor.is_cuda and not INTERPRET:
+    if not tensor.is_cuda and not INTERPRET and LAUNCH_RECORDER is None:
         raise RuntimeError(
             f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got {name} on {tensor.device}"
         )
@@ -52,6 +57,15 @@ def round_half_even(v):
     """
     magic = 12582912.0
     return (v + magic) - magic
+
+
+@triton.jit
+def grouped_tile(pid, num_pid_rows, num_pid_cols, GROUP: tl.constexpr):
+    """Map a linear program id to (row tile, col tile), GROUP row tiles per column sweep to reuse tiles in L2."""
+    width = GROUP * num_pid_cols
+    first_row = (pid // width) * GROUP
+    group_rows = tl.minimum(num_pid_rows - first_row, GROUP)
+    return first_row + (pid % width) % group_rows, (pid % width) // group_rows
 
 
 @triton.jit
@@ -76,3 +90,32 @@ def to_dtype(x, dtype: tl.constexpr):
         return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
+
+
+def _autotuner(kernel, configs: tuple, key: tuple):
+    """One autotuner per (kernel, config list, key): its cache of tuned configs lives as long as the process."""
+    found = _AUTOTUNERS.get((kernel, configs, key))
+    if found is None:
+        found = _AUTOTUNERS[(kernel, configs, key)] = triton.autotune(configs=list(configs), key=list(key))(kernel)
+    return found
+
+
+_AUTOTUNERS = {}
+
+
+def launch(kernel, grid, configs, args: tuple, constexprs: dict, autotune_key: tuple = ()) -> None:
+    """Run ``kernel[grid](*args, **constexprs)`` with ``configs`` (a tuple of ``triton.Config``).
+
+    One config runs directly with its meta-parameters and launch options; several are autotuned over
+    ``autotune_key`` (argument names), the first being the default. ``LAUNCH_RECORDER``, when set, receives the
+    launch instead (the compile gate).
+    """
+    if not configs:
+        raise ValueError(f"no launch config for {kernel.__name__}")
+    if LAUNCH_RECORDER is not None:
+        LAUNCH_RECORDER(kernel, args, constexprs, configs)
+        return
+    if len(configs) == 1:
+        kernel[grid](*args, **constexprs, **configs[0].all_kwargs())
+    else:
+        _autotuner(kernel, tuple(configs), tuple(autotune_key))[grid](*args, **constexprs)

@@ -12,8 +12,8 @@ The arithmetic contract is ``docs/design.md``; tiling, byte and FLOP counts are 
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 from typing import NamedTuple
 
 import torch
@@ -23,75 +23,44 @@ import triton.language as tl
 from triton_bq import reference
 from triton_bq.options import QuantOptions
 
-from . import _common, scales
-from ._common import INTERPRET, check_kernel_tensor, dot, new_output, round_half_even, to_dtype
+from . import _common, configs, scales
+from ._common import check_kernel_tensor, dot, grouped_tile, launch, new_output, round_half_even, to_dtype
 
-__all__ = ["ACT_PATHS", "fused_quant_linear"]
+__all__ = ["ACT_PATHS", "act_path", "fused_quant_linear", "set_act_path"]
 
 _WEIGHT_CODES = {None: 0, "bwn": 1, "twn": 2, "lat": 2}
 _NONE, _SYM, _ASYM, _LSQ = (scales.ACT_CODES[name] for name in (None, "sym", "asym", "lsq"))
-
-# TRITON_BQ_AUTOTUNE=0 runs the first config of each list without benchmarking (fast compiles for GPU tests).
-_AUTOTUNE = os.environ.get("TRITON_BQ_AUTOTUNE", "1") != "0"
 
 # How the activation codes reach the forward and grad_w GEMMs (see docs/kernels.md):
 # "fused": quantized in registers from x inside the GEMM main loops (no extra memory);
 # "codes": one elementwise pass writes the integer codes q in the dot dtype to a transient buffer (freed after
 # the GEMM, never saved for backward) and the GEMM streams them like a plain operand.
+# Chosen with set_act_path / act_path (below); a plain module global, so torch.compile guards on it.
 ACT_PATHS = ("fused", "codes")
-_ACT_PATH = os.environ.get("TRITON_BQ_ACT_PATH", "fused")
-if _ACT_PATH not in ACT_PATHS:
-    raise ValueError(f"TRITON_BQ_ACT_PATH must be one of {ACT_PATHS}, got {_ACT_PATH!r}")
+_ACT_PATH = "fused"
 
 
-def _config(block_m, block_n, block_k, warps, stages, group=8):
-    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP": group}
-    return triton.Config(meta, num_warps=warps, num_stages=stages)
+def set_act_path(path: str) -> str:
+    """Make ``path`` (``"fused"`` or ``"codes"``) the activation path of later calls; returns the previous one."""
+    global _ACT_PATH
+    if path not in ACT_PATHS:
+        raise ValueError(f"act path must be one of {ACT_PATHS}, got {path!r}")
+    previous, _ACT_PATH = _ACT_PATH, path
+    return previous
 
 
-# Tile sizes are named by problem dimension (x [M, K], w [N, K], y [M, N]) in all three kernels; the first
-# config of each list is the default when autotuning is off. The interpreter gets one small config, with which
-# K=96 and N=33 still exercise the tail masks. float32 operands (IEEE or TF32) get smaller tiles to fit in smem.
-if INTERPRET:
-    _FWD_CONFIGS = _BWD_X_CONFIGS = _BWD_W_CONFIGS = [_config(32, 32, 64, 4, 1, group=2)]
-    _FWD_CONFIGS_FP32 = _BWD_X_CONFIGS_FP32 = _BWD_W_CONFIGS_FP32 = _FWD_CONFIGS
-else:
-    _FWD_CONFIGS = [  # y^T tile [BLOCK_N, BLOCK_M] = codes [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, BLOCK_M]
-        _config(128, 128, 64, 8, 3),
-        _config(64, 128, 64, 4, 4),
-        _config(128, 128, 128, 8, 3),
-        _config(256, 128, 64, 8, 3),
-    ]
-    _BWD_X_CONFIGS = [  # grad_x^T tile [BLOCK_K, BLOCK_M] = codes^T [BLOCK_K, BLOCK_N] @ grad_y^T [BLOCK_N, BLOCK_M]
-        _config(128, 64, 128, 8, 3),
-        _config(64, 64, 128, 4, 4),
-        _config(128, 64, 64, 4, 4),
-        _config(256, 64, 128, 8, 3),
-    ]
-    _BWD_W_CONFIGS = [  # grad_w^T tile [BLOCK_K, BLOCK_N] = q^T [BLOCK_K, BLOCK_M] @ grad_y [BLOCK_M, BLOCK_N]
-        _config(64, 128, 128, 8, 3),
-        _config(64, 64, 128, 4, 4),
-        _config(64, 256, 128, 8, 3),
-        _config(64, 128, 64, 4, 4),
-    ]
-    _FWD_CONFIGS_FP32 = [_config(64, 64, 32, 4, 3), _config(128, 64, 32, 4, 3)]
-    _BWD_X_CONFIGS_FP32 = [_config(64, 32, 64, 4, 3), _config(128, 32, 64, 4, 3)]
-    _BWD_W_CONFIGS_FP32 = [_config(32, 64, 64, 4, 3), _config(32, 128, 64, 4, 3)]
-
-# grad_x writes clip / LSQ-step partial sums per SLOT_M x SLOT_K block of x: a grid that every config tiles
-# exactly, so the buffer is fully rewritten by whichever config runs (autotune benchmarking included).
-_SLOT_M = min(config.kwargs["BLOCK_M"] for config in _BWD_X_CONFIGS + _BWD_X_CONFIGS_FP32)
-_SLOT_K = min(config.kwargs["BLOCK_K"] for config in _BWD_X_CONFIGS + _BWD_X_CONFIGS_FP32)
-_CODES_BLOCK_M, _CODES_BLOCK_K = (16, 64) if INTERPRET else (32, 128)
+@contextlib.contextmanager
+def act_path(path: str):
+    """``with act_path("codes"): ...`` runs the block on that activation path and restores the previous one."""
+    previous = set_act_path(path)
+    try:
+        yield path
+    finally:
+        set_act_path(previous)
 
 
-@triton.jit
-def _grouped_tile(pid, num_pid_rows, num_pid_cols, GROUP: tl.constexpr):
-    """Map a linear program id to (row tile, col tile), GROUP row tiles per column sweep to reuse tiles in L2."""
-    width = GROUP * num_pid_cols
-    first_row = (pid // width) * GROUP
-    group_rows = tl.minimum(num_pid_rows - first_row, GROUP)
-    return first_row + (pid % width) % group_rows, (pid % width) // group_rows
+# grad_x writes clip / LSQ-step partial sums per SLOT_M x SLOT_K block of x (see configs.linear_slots).
+_SLOT_M, _SLOT_K = configs.linear_slots()
 
 
 @triton.jit
@@ -163,7 +132,7 @@ def _quant_linear_fwd_kernel(
     """y^T = alpha * (step * (c @ q^T) + zero * sum_k c) + bias, i.e. y = x_hat @ (alpha * c)^T + bias with
     x_hat = q * step + zero. X_CODES: x_ptr already holds q (integer codes in y's dtype)."""
     dot_dtype = y_ptr.dtype.element_ty
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -242,7 +211,7 @@ def _quant_linear_bwd_x_kernel(
     """g^T = (alpha * c)^T @ grad_y^T is the grad of x_hat; grad_x = g * 1[lo < x < hi] (clip) or
     g * 1[qmin < x/s < qmax] (LSQ). PARTIALS: per-slot sums of g over x <= lo and x >= hi, or of g * dq/ds."""
     dot_dtype = gy_ptr.dtype.element_ty
-    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP)
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
@@ -316,7 +285,7 @@ def _quant_linear_bwd_w_kernel(
     """grad_w^T = (step * q^T @ grad_y + zero * sum_m grad_y) * 1[|w| <= 1 if CLIPPED]: x_hat^T @ grad_y through
     the weight STE, reduced over the M tokens. X_CODES: x_ptr already holds q (integer codes in grad_y's dtype)."""
     dot_dtype = gy_ptr.dtype.element_ty
-    pid_n, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP)
+    pid_n, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)
@@ -349,19 +318,6 @@ def _quant_linear_bwd_w_kernel(
     tl.store(gw_ptrs, to_dtype(acc, gw_ptr.dtype.element_ty), mask=mask)
 
 
-def _autotuned(kernel, configs, configs_fp32):
-    """(bf16/fp16 autotuner, float32 autotuner) over the same kernel; one config each when autotuning is off."""
-    return tuple(
-        triton.autotune(configs=options if _AUTOTUNE else options[:1], key=["M", "N", "K"])(kernel)
-        for options in (configs, configs_fp32)
-    )
-
-
-_FWD = _autotuned(_quant_linear_fwd_kernel, _FWD_CONFIGS, _FWD_CONFIGS_FP32)
-_BWD_X = _autotuned(_quant_linear_bwd_x_kernel, _BWD_X_CONFIGS, _BWD_X_CONFIGS_FP32)
-_BWD_W = _autotuned(_quant_linear_bwd_w_kernel, _BWD_W_CONFIGS, _BWD_W_CONFIGS_FP32)
-
-
 class _Spec(NamedTuple):
     """Static options of one call (everything the kernels take as constexpr)."""
 
@@ -377,9 +333,15 @@ class _Spec(NamedTuple):
     precision: str
 
 
-def _pick(autotuners, spec: _Spec):
-    """The float32-config autotuner for float32 dots, else the bf16 / fp16 one."""
-    return autotuners[1] if spec.dtype == torch.float32 else autotuners[0]
+def _configs(kernel: str, spec: _Spec, x: torch.Tensor, weight: torch.Tensor, partials: bool = False) -> tuple:
+    """The launch configs of one GEMM for this call's device and operands (see ``configs.linear``); ``x`` is the
+    operand the GEMM loads (x or the codes buffer)."""
+    fused = spec.act != _NONE and not spec.codes
+    operands = configs.LinearOperands(
+        x_bytes=x.element_size(), weight_bytes=weight.element_size(), dot_bytes=spec.dtype.itemsize,
+        act_fused=kernel != "bwd_x" and fused, partials=partials,
+    )
+    return configs.linear(kernel, configs.target_of(x.device), operands)
 
 
 def _flat_scale(name: str, value: torch.Tensor, rows: int) -> torch.Tensor:
@@ -412,12 +374,18 @@ def _act_code_buffer(x, params, spec: _Spec) -> torch.Tensor:
     """The transient integer codes q of x in the dot dtype ("codes" activation path)."""
     m, k = x.shape
     codes = new_output((m, k), spec.dtype, x.device)
-    grid = (triton.cdiv(m, _CODES_BLOCK_M), triton.cdiv(k, _CODES_BLOCK_K))
-    _act_codes_kernel[grid](
-        x, params, codes, m, k, x.stride(0), x.stride(1), codes.stride(0), codes.stride(1),
-        ACT=spec.act, QMIN=spec.qmin, QMAX=spec.qmax, BLOCK_M=_CODES_BLOCK_M, BLOCK_K=_CODES_BLOCK_K,
+    options = configs.act_codes(configs.target_of(x.device))
+    block_m, block_k = options[0].kwargs["BLOCK_M"], options[0].kwargs["BLOCK_K"]
+    launch(
+        _act_codes_kernel, (triton.cdiv(m, block_m), triton.cdiv(k, block_k)), options,
+        (x, params, codes, m, k, x.stride(0), x.stride(1), codes.stride(0), codes.stride(1)),
+        dict(ACT=spec.act, QMIN=spec.qmin, QMAX=spec.qmax),
     )
     return codes
+
+
+# Autotuning is keyed by the problem size (the autotuner adds the argument dtypes itself).
+_AUTOTUNE_KEY = ("M", "N", "K")
 
 
 # Unused pointer arguments get a read-only input tensor (never an output: torch.compile tracks kernel mutations).
@@ -428,15 +396,18 @@ def _forward(x, weight, bias, alpha, delta, params, spec: _Spec) -> torch.Tensor
     operand = _act_code_buffer(x, params, spec) if x_codes else x
     y = new_output((m, n), spec.dtype, x.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    _pick(_FWD, spec)[grid](
+    args = (
         operand, weight, weight if bias is None else bias, y,
         weight if alpha is None else alpha, weight if delta is None else delta, weight if params is None else params,
         m, n, k,
         operand.stride(0), operand.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
+    )
+    constexprs = dict(
         W_MODE=spec.weight_mode, ALPHA_PER_ROW=spec.alpha_per_row, DELTA_PER_ROW=spec.delta_per_row,
         ACT=spec.act, X_CODES=x_codes, QMIN=spec.qmin, QMAX=spec.qmax, HAS_BIAS=bias is not None,
         PRECISION=spec.precision,
     )
+    launch(_quant_linear_fwd_kernel, grid, _configs("fwd", spec, operand, weight), args, constexprs, _AUTOTUNE_KEY)
     return y
 
 
@@ -449,17 +420,21 @@ def _backward_x(grad_y, weight, x, alpha, delta, params, spec: _Spec, store_grad
     partial = new_output((num_slot_m, num_slot_k, 2), torch.float32, x.device) if partials else None
     target = grad_y if grad_x is None else grad_x
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
-    _pick(_BWD_X, spec)[grid](
+    args = (
         grad_y, weight, x, target,
         grad_y if alpha is None else alpha, grad_y if delta is None else delta,
         grad_y if params is None else params, grad_y if partial is None else partial,
         m, n, k, num_slot_m, num_slot_k,
         grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), x.stride(0), x.stride(1),
         target.stride(0), target.stride(1),
+    )
+    constexprs = dict(
         W_MODE=spec.weight_mode, ALPHA_PER_ROW=spec.alpha_per_row, DELTA_PER_ROW=spec.delta_per_row,
         ACT=spec.act, QMIN=spec.qmin, QMAX=spec.qmax, STORE_GRAD_X=store_grad_x, PARTIALS=partials,
         PRECISION=spec.precision, SLOT_M=_SLOT_M, SLOT_K=_SLOT_K,
     )
+    options = _configs("bwd_x", spec, x, weight, partials)
+    launch(_quant_linear_bwd_x_kernel, grid, options, args, constexprs, _AUTOTUNE_KEY)
     return grad_x, partial
 
 
@@ -470,15 +445,18 @@ def _backward_w(grad_y, x, weight, params, grad_sum, spec: _Spec) -> torch.Tenso
     operand = _act_code_buffer(x, params, spec) if x_codes else x
     grad_w = new_output((n, k), weight.dtype, weight.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]),)
-    _pick(_BWD_W, spec)[grid](
+    args = (
         grad_y, operand, weight, grad_w, grad_y if params is None else params,
         grad_y if grad_sum is None else grad_sum,
         m, n, k,
         grad_y.stride(0), grad_y.stride(1), operand.stride(0), operand.stride(1),
         weight.stride(0), weight.stride(1), grad_w.stride(0), grad_w.stride(1),
+    )
+    constexprs = dict(
         ACT=spec.act, X_CODES=x_codes, QMIN=spec.qmin, QMAX=spec.qmax, CLIPPED=spec.clipped,
         PRECISION=spec.precision,
     )
+    launch(_quant_linear_bwd_w_kernel, grid, _configs("bwd_w", spec, operand, weight), args, constexprs, _AUTOTUNE_KEY)
     return grad_w
 
 

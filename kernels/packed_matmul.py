@@ -26,11 +26,13 @@ kernel converts bf16 loads to float32 before arithmetic, and the GEMM unpacks to
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from . import configs
+from ._common import INTERPRET, grouped_tile, launch, round_half_even
 
 __all__ = ["GEMV_MAX_M", "SKINNY_MAX_M", "choose_kernel", "default_config", "packed_matmul", "quantize_int8"]
 
@@ -40,31 +42,11 @@ WORD_BITS = 32
 MAX_SPLIT_K = 16
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# GPU configs, checked by compiling for sm_90 offline (ptxas: no spills; the binary gemv at M=1 issues about 2.6
-# SASS instructions per weight). GEMV by BLOCK_M (next power of two of M; above 2 only when the gemv is forced),
-# split-binary layers (2 parts) halve BLOCK_N; GEMM by M bucket. The interpreter uses a few large tiles (fast).
-GEMV_CONFIGS = {
-    1: dict(BLOCK_N=128, BLOCK_KW=32, num_warps=4, num_stages=3),
-    2: dict(BLOCK_N=64, BLOCK_KW=32, num_warps=4, num_stages=3),
-    4: dict(BLOCK_N=64, BLOCK_KW=16, num_warps=4, num_stages=3),
-    8: dict(BLOCK_N=32, BLOCK_KW=16, num_warps=4, num_stages=3),
-    16: dict(BLOCK_N=16, BLOCK_KW=16, num_warps=4, num_stages=3),
-}
-GEMM_CONFIGS = {
-    "skinny": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=4),
-    "medium": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-    "large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-    # float32 inputs take IEEE fp32 dots (no tensor cores): small tiles keep the accumulators in registers.
-    "fp32": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2),
-}
 # Integer sums up to 2^24 are exact in float32: the gemv accumulates int8 activations in float32 below this K.
 FP32_EXACT_MAX_K = 2**24 // (2 * 128)
-INTERPRET_GEMV_CONFIG = dict(BLOCK_N=64, BLOCK_KW=8, num_warps=4, num_stages=1)
-INTERPRET_GEMM_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=1)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+# Launch configs (triton.Config, see kernels/configs.py): the gemv by BLOCK_M, the gemm by M bucket.
+GEMV_CONFIGS = configs.PACKED_GEMV
+GEMM_CONFIGS = configs.PACKED_GEMM
 
 
 @triton.jit
@@ -90,9 +72,9 @@ def _quantize_int8_kernel(
     for k0 in range(0, K, BLOCK_K):
         mask = k0 + offs < K
         x = tl.load(x_row + (k0 + offs) * stride_xk, mask=mask, other=0.0).to(tl.float32)
-        # Adding and subtracting 1.5 * 2^23 rounds a float32 with |v| < 2^22 to an integer, ties to even.
-        q = (tl.math.div_rn(x, safe) + 12582912.0) - 12582912.0
-        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+        # Clamping first keeps |v| < 2**22 for the rounding and gives the same code.
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, safe), -127.0), 127.0)
+        q = round_half_even(q)
         tl.store(q_ptr + row * stride_qm + k0 + offs, q.to(tl.int8), mask=mask)
 
 
@@ -247,16 +229,9 @@ def _packed_gemm_kernel(
     """acc_p = x[BM, BK] @ c_p[BN, BK]^T on tensor cores, c_p unpacked from [BN, BK / (32 / BITS)] words."""
     PER_WORD: tl.constexpr = 32 // BITS
     BLOCK_KW: tl.constexpr = BLOCK_K // PER_WORD
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
     # Grouped order: GROUP_M row tiles share each column tile of words while it is in L2.
-    group_size = GROUP_M * num_n
-    first_m = (pid // group_size) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_rows
-    pid_n = (pid % group_size) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -365,7 +340,7 @@ def default_config(
     """Launch config (kernel, tile sizes, ``SPLIT_K``, warps, stages) for ``x [M, K] @ W [N, K]^T``.
 
     ``kernel="auto"`` picks the gemv for ``M <= GEMV_MAX_M``; ``"gemv"`` can be forced up to M = 16.
-    ``num_sms=None`` means the interpreter: small tiles, no split. Otherwise the GPU tables above, with
+    ``num_sms=None`` means the interpreter: small tiles, no split. Otherwise the GPU tables (``configs.PACKED_*``), with
     ``SPLIT_K`` chosen so that the grid reaches about two programs per SM.
     """
     kernel = choose_kernel(M) if kernel == "auto" else kernel
@@ -374,8 +349,8 @@ def default_config(
         if block_m > SKINNY_MAX_M:
             raise ValueError(f"the gemv kernel takes M <= {SKINNY_MAX_M}, got M={M}")
         if num_sms is None:
-            return dict(kernel="gemv", BLOCK_M=block_m, SPLIT_K=1, **INTERPRET_GEMV_CONFIG)
-        config = dict(kernel="gemv", BLOCK_M=block_m, **GEMV_CONFIGS[block_m])
+            return dict(kernel="gemv", BLOCK_M=block_m, SPLIT_K=1, **configs.as_plan(configs.PACKED_GEMV_INTERPRETER))
+        config = dict(kernel="gemv", BLOCK_M=block_m, **configs.as_plan(GEMV_CONFIGS[block_m]))
         config["BLOCK_N"] = max(16, config["BLOCK_N"] // parts)
         words = math.ceil(K / (WORD_BITS // bits))
         # Small layers (BERT-base) offer fewer tiles x steps than SMs: shrink the tiles until they fill the GPU.
@@ -391,12 +366,12 @@ def default_config(
     if kernel != "gemm":
         raise ValueError(f"kernel must be 'auto', 'gemv' or 'gemm', got {kernel!r}")
     if num_sms is None:
-        return dict(kernel="gemm", SPLIT_K=1, **INTERPRET_GEMM_CONFIG)
+        return dict(kernel="gemm", SPLIT_K=1, **configs.as_plan(configs.PACKED_GEMM_INTERPRETER))
     if dtype == torch.float32:
         bucket = "fp32"
     else:
         bucket = "skinny" if M <= SKINNY_MAX_M else "medium" if M <= 64 else "large"
-    config = dict(kernel="gemm", **GEMM_CONFIGS[bucket])
+    config = dict(kernel="gemm", **configs.as_plan(GEMM_CONFIGS[bucket]))
     tiles = math.ceil(M / config["BLOCK_M"]) * math.ceil(N / config["BLOCK_N"])
     steps = math.ceil(K / config["BLOCK_K"])
     return dict(config, SPLIT_K=_split_k(tiles, steps, num_sms))
@@ -498,7 +473,8 @@ def packed_matmul(
     if M == 0 or N == 0:
         return out
     if config is None:
-        num_sms = None if _interpreting() or x.device.type != "cuda" else _num_sms(x.device)
+        target = configs.target_of(x.device)
+        num_sms = None if target is None else target.num_sms
         config = default_config(M, N, K, bits, parts=parts, dtype=x.dtype, kernel=kernel, num_sms=num_sms)
     _check_config(config, M, bits)
     int8_x = x.dtype == torch.int8
@@ -531,29 +507,27 @@ def packed_matmul(
         *target_strides,
     )
     flags = dict(BITS=bits, PARTS=parts, HAS_X_SCALE=x_scale is not None, HAS_BIAS=bias is not None, SPLIT=split_k > 1)
-    launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+    grid = (num_tiles, split_k)
     if config["kernel"] == "gemv":
         # Mask-free loads where the shape allows it (the common LLM / BERT case) shorten the inner loop.
         even = dict(EVEN_M=M == config["BLOCK_M"], EVEN_N=N % config["BLOCK_N"] == 0,
                     EVEN_K=K == KW * per_word and KW % config["BLOCK_KW"] == 0)
-        _packed_gemv_kernel[(num_tiles, split_k)](
-            *common, **flags, **even, INT_ACC=int_acc, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
-            BLOCK_KW=config["BLOCK_KW"], **launch,
-        )
+        option = configs.from_plan(config, ("BLOCK_M", "BLOCK_N", "BLOCK_KW"))
+        launch(_packed_gemv_kernel, grid, (option,), common, dict(flags, **even, INT_ACC=int_acc))
     else:
-        dot_fp32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreting())
-        _packed_gemm_kernel[(num_tiles, split_k)](
-            *common, **flags, INT8_X=int8_x, DOT_FP32=dot_fp32, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
-            BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"], **launch,
-        )
+        dot_fp32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and INTERPRET)
+        option = configs.from_plan(config, ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
+        launch(_packed_gemm_kernel, grid, (option,), common, dict(flags, INT8_X=int8_x, DOT_FP32=dot_fp32))
     if split_k > 1:
         block_m, block_n = min(triton.next_power_of_2(M), 16), 128
-        _splitk_reduce_kernel[(math.ceil(M / block_m), math.ceil(N / block_n))](
-            target, scale, x_scale_arg, bias if bias is not None else scale, out,
-            M, N, split_k,
-            target.stride(0), target.stride(1), target.stride(2),
-            scale.stride(0), scale.stride(1) if scale.shape[1] > 1 else 0, stride_xs, out.stride(0), out.stride(1),
-            PARTS=parts, HAS_X_SCALE=x_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        launch(
+            _splitk_reduce_kernel, (math.ceil(M / block_m), math.ceil(N / block_n)),
+            (configs.config(4, 3, BLOCK_M=block_m, BLOCK_N=block_n),),
+            (target, scale, x_scale_arg, bias if bias is not None else scale, out,
+             M, N, split_k,
+             target.stride(0), target.stride(1), target.stride(2),
+             scale.stride(0), scale.stride(1) if scale.shape[1] > 1 else 0, stride_xs, out.stride(0), out.stride(1)),
+            dict(PARTS=parts, HAS_X_SCALE=x_scale is not None, HAS_BIAS=bias is not None),
         )
     return out
 
@@ -576,9 +550,9 @@ def quantize_int8(x: torch.Tensor, per_token: bool = True) -> tuple[torch.Tensor
         scale = x.detach().abs().amax().float() / 127 if x.numel() else torch.zeros((), device=x.device)
     if x.numel() == 0:
         return q, scale.zero_()
-    block_k = min(triton.next_power_of_2(K), 1024 if x.device.type == "cuda" else 128)
-    _quantize_int8_kernel[(M,)](
-        x, q, scale, K, x.stride(0), x.stride(1), q.stride(0), PER_TOKEN=per_token, BLOCK_K=block_k,
-        num_warps=4,
+    block_k = min(triton.next_power_of_2(K), 128 if configs.target_of(x.device) is None else 1024)
+    launch(
+        _quantize_int8_kernel, (M,), (configs.config(4, 3, BLOCK_K=block_k),),
+        (x, q, scale, K, x.stride(0), x.stride(1), q.stride(0)), dict(PER_TOKEN=per_token),
     )
     return q, scale

@@ -12,17 +12,18 @@ import triton.language as tl
 
 from triton_bq import reference
 
-from ._common import INTERPRET, check_kernel_tensor, new_output
+from . import configs
+from ._common import check_kernel_tensor, launch, new_output
 
 __all__ = ["ACT_CODES", "weight_scale_threshold", "act_params"]
 
 # Activation method codes shared with the GEMM kernels (constexpr ints).
 ACT_CODES = {None: 0, "sym": 1, "asym": 2, "lsq": 3}
 
-# Rows per program and columns per iteration of the row reductions; the interpreter's tile keeps tests fast.
-_ROW_BLOCK_N, _ROW_BLOCK_K = (8, 64) if INTERPRET else (8, 512)
-_ACT_BLOCK_M, _ACT_BLOCK_K = (16, 64) if INTERPRET else (8, 512)
-_FINAL_BLOCK = 256 if INTERPRET else 1024
+
+def _configs(kernel: str, device: torch.device) -> tuple:
+    """The launch config of a scale kernel on ``device`` (see ``configs.scales``)."""
+    return configs.scales(kernel, configs.target_of(device))
 
 
 @triton.jit
@@ -159,19 +160,22 @@ def _act_params_kernel(
 def _row_reduce(weight, threshold, out, count, out_mode, factor=1.0):
     n, k = weight.shape
     has_threshold = threshold is not None
-    _row_abs_sum_kernel[(triton.cdiv(n, _ROW_BLOCK_N),)](
-        weight, threshold if has_threshold else weight, out, count if count is not None else weight,
-        n, k, weight.stride(0), weight.stride(1),
-        HAS_THRESHOLD=has_threshold, THRESHOLD_PER_ROW=has_threshold and threshold.numel() > 1,
-        OUT_MODE=out_mode, FACTOR=factor, BLOCK_N=_ROW_BLOCK_N, BLOCK_K=_ROW_BLOCK_K,
+    options = _configs("row", weight.device)
+    launch(
+        _row_abs_sum_kernel, (triton.cdiv(n, options[0].kwargs["BLOCK_N"]),), options,
+        (weight, threshold if has_threshold else weight, out, count if count is not None else weight,
+         n, k, weight.stride(0), weight.stride(1)),
+        dict(HAS_THRESHOLD=has_threshold, THRESHOLD_PER_ROW=has_threshold and threshold.numel() > 1,
+             OUT_MODE=out_mode, FACTOR=factor),
     )
 
 
 def _tensor_reduce(row_sum, row_count, numel, mode, factor=1.0):
     out = new_output((), torch.float32, row_sum.device)
-    _tensor_scale_kernel[(1,)](
-        row_sum, row_count if row_count is not None else row_sum, out, row_sum.numel(), numel,
-        MODE=mode, FACTOR=factor, BLOCK=_FINAL_BLOCK,
+    launch(
+        _tensor_scale_kernel, (1,), _configs("final", row_sum.device),
+        (row_sum, row_count if row_count is not None else row_sum, out, row_sum.numel(), numel),
+        dict(MODE=mode, FACTOR=factor),
     )
     return out
 
@@ -237,7 +241,11 @@ def act_params(
         if step is None or step.numel() != 1:
             raise ValueError(f"act_method='lsq' needs a one-element act_step, got {step!r}")
         step = step.detach().reshape(1)
-        _act_params_kernel[(1,)](step, 0, step, 1, step, params, METHOD=ACT_CODES[method], QMAX=qmax, BLOCK=2)
+        # No partials to reduce: the smallest block.
+        launch(
+            _act_params_kernel, (1,), (configs.config(4, 3, BLOCK=2),), (step, 0, step, 1, step, params),
+            dict(METHOD=ACT_CODES[method], QMAX=qmax),
+        )
         return params, qmin, qmax
     if clip is None or clip.numel() != 2:
         raise ValueError(f"act_method={method!r} needs act_clip with 2 elements (lo, hi), got {clip!r}")
@@ -245,13 +253,15 @@ def act_params(
         raise ValueError(f"x must be 2-D [tokens, features] here, got shape {tuple(x.shape)}")
     clip = clip.detach().reshape(2)
     m, k = x.shape
-    num_partials = triton.cdiv(m, _ACT_BLOCK_M)
+    options = _configs("act", x.device)
+    num_partials = triton.cdiv(m, options[0].kwargs["BLOCK_M"])
     partials = new_output((num_partials, 2), torch.float32, x.device)
-    _act_minmax_kernel[(num_partials,)](
-        x, clip, partials, m, k, x.stride(0), x.stride(1), clip.stride(0), BLOCK_M=_ACT_BLOCK_M, BLOCK_K=_ACT_BLOCK_K
+    launch(
+        _act_minmax_kernel, (num_partials,), options,
+        (x, clip, partials, m, k, x.stride(0), x.stride(1), clip.stride(0)), {},
     )
-    _act_params_kernel[(1,)](
-        partials, num_partials, clip, clip.stride(0), clip, params,
-        METHOD=ACT_CODES[method], QMAX=qmax, BLOCK=_FINAL_BLOCK,
+    launch(
+        _act_params_kernel, (1,), _configs("final", x.device),
+        (partials, num_partials, clip, clip.stride(0), clip, params), dict(METHOD=ACT_CODES[method], QMAX=qmax),
     )
     return params, qmin, qmax

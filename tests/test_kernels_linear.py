@@ -218,7 +218,8 @@ def test_float16_matches_reference(device, method, act_id):
 @pytest.mark.parametrize("act_id", ["a8-sym", "a8-asym", "a4-lsq-unsigned"])
 def test_codes_act_path_matches_reference(device, monkeypatch, act_id):
     """The "codes" activation path (codes written once, then streamed by the GEMMs); "fused" is the default."""
-    monkeypatch.setattr(kernels_linear, "_ACT_PATH", "codes")
+    monkeypatch.setattr(kernels_linear, "_ACT_PATH", kernels_linear._ACT_PATH)  # restored after the test
+    kernels_linear.set_act_path("codes")
     act = ACTS[act_id]
     x, weight, bias, clip, step = make_inputs(SHAPES["m127-k96-n33"], act, torch.bfloat16, device, seed=4)
     options = options_for("twn", "tensor", "clipped", act)
@@ -267,7 +268,8 @@ def _exact_cases():
 def test_codes_and_grads_exact(device, monkeypatch, act_id, method, dtype_id, act_path):
     """weight_scale = 1, a power-of-two activation step and an integer grad_y make every result an exact sum of
     exactly representable terms: the fused codes, masks and partial sums must equal the reference bit for bit."""
-    monkeypatch.setattr(kernels_linear, "_ACT_PATH", act_path)
+    monkeypatch.setattr(kernels_linear, "_ACT_PATH", kernels_linear._ACT_PATH)  # restored after the test
+    kernels_linear.set_act_path(act_path)
     act, dtype = ACTS[act_id], DTYPES[dtype_id]
     x, weight, clip, step = _exact_inputs(act, device)
     # The codes of the bf16-rounded inputs are compared (bf16 keeps 8 significant bits of the grid values).

@@ -1,0 +1,405 @@
+"""Offline compile gate: every kernel launch the launchers produce, compiled for real GPU targets without a GPU.
+
+The real launchers run on CPU tensors with ``_common.LAUNCH_RECORDER`` set and ``configs.recording(target)``
+active, so they pick exactly the configs they would pick on that target and hand each launch to the recorder
+instead of running it. Each distinct specialization (kernel, argument types and alignment, constexprs, config) is
+then bound with Triton's own JIT binder for the target's backend and compiled with ``triton.compile`` (bundled
+ptxas; fresh cache directory, so ptxas really runs) in parallel worker processes. A specialization fails on a
+compile error, shared memory above the target's per-block opt-in limit, or register spills.
+
+    python -m triton_bq.kernels.compile_gate                 # defaults, sm_80 / sm_89 / sm_90 (the CI gate)
+    python -m triton_bq.kernels.compile_gate --all           # every autotune config, every target, full grid
+    python -m triton_bq.kernels.compile_gate --targets sm_86 --configs all --table
+
+The environment must not set ``TRITON_INTERPRET`` (the interpreter replaces compilation). Exit status 1 when
+anything fails. Measured figures are in ``docs/kernels.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import itertools
+import os
+import re
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+# Activation quantizers of the grid: (act_method, act_bits, act_signed).
+_ACTS = {"none": (None, 8, True), "sym8": ("sym", 8, True), "asym8": ("asym", 8, True),
+         "lsq4": ("lsq", 4, True), "lsq4u": ("lsq", 4, False)}
+# Compute setups: (x dtype, latent weight dtype, autocast dtype or None, float32 matmul precision).
+_COMPUTE = {
+    "bf16-autocast": ("bfloat16", "float32", "bfloat16", "highest"),  # mixed-precision training, bf16 activations
+    "bf16-autocast-fp32-x": ("float32", "float32", "bfloat16", "highest"),  # fp32 activations under autocast
+    "bf16": ("bfloat16", "bfloat16", None, "highest"),
+    "fp32": ("float32", "float32", None, "highest"),
+    "fp16-autocast": ("float16", "float32", "float16", "highest"),
+    "fp16": ("float16", "float16", None, "highest"),
+    "fp32-tf32": ("float32", "float32", None, "high"),
+}
+DEFAULT_TARGETS = ("sm_80", "sm_89", "sm_90")
+
+
+@dataclass
+class Launch:
+    """One recorded launch: the JIT kernel, its positional arguments, constexprs and the config tuple offered."""
+
+    kernel: object
+    args: tuple
+    constexprs: dict
+    configs: tuple
+    setup: str = ""
+
+
+@dataclass
+class Result:
+    target: str
+    kernel: str
+    specialization: str
+    config: str
+    default: bool
+    setups: list = field(default_factory=list)
+    shared: int = 0
+    registers: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+    mma: str = ""
+    error: str = ""
+    seconds: float = 0.0
+
+    def failure(self, shared_limit: int) -> str:
+        if self.error:
+            return "compile error"
+        if self.shared > shared_limit:
+            return f"shared {self.shared} > {shared_limit}"
+        if self.spill_stores or self.spill_loads:
+            return f"spills {self.spill_stores}/{self.spill_loads} B"
+        return ""
+
+
+_WEIGHTS = [("bwn", "tensor"), ("bwn", "row"), ("twn", "tensor"), ("twn", "row")]
+
+
+def _grid(full: bool):
+    """User-level setups (option dicts of ``triton_bq.functional.quant_linear``) the launchers run.
+
+    ``full``: the product of every compute setup, weight quantizer, STE, activation quantizer and activation path.
+    Otherwise (the CI grid) every (compute, activation, path) combination of the usual training setups once,
+    with the weight quantizer and STE cycling through theirs, so each option value still meets each dtype.
+    """
+    if full:
+        weights = _WEIGHTS + [(None, "tensor")]
+        for compute, (method, granularity), act in itertools.product(_COMPUTE, weights, _ACTS):
+            if method is None and act == "none":
+                continue
+            for path in ("fused", "codes") if act != "none" else ("fused",):
+                for ste in ("identity", "clipped") if method is not None else ("identity",):
+                    yield dict(compute=compute, weight_method=method, granularity=granularity, act=act, path=path,
+                               ste=ste)
+        return
+    computes = ["bf16-autocast", "bf16-autocast-fp32-x", "bf16", "fp32"]
+    combinations = [(act, path) for act in ("none", "sym8", "asym8", "lsq4")
+                    for path in (("fused", "codes") if act != "none" else ("fused",))]
+    for index, (compute, (act, path)) in enumerate(itertools.product(computes, combinations)):
+        # Two setups per combination: every weight quantizer meets every dtype and activation.
+        for turn in range(2):
+            method, granularity = _WEIGHTS[(index + 2 * turn) % len(_WEIGHTS)]
+            ste = ("identity", "clipped")[(index + turn) % 2]
+            yield dict(compute=compute, weight_method=method, granularity=granularity, act=act, path=path, ste=ste)
+
+
+def _run_linear(setup: dict) -> None:
+    """Forward and backward of one setup on small CPU tensors (the recorder swallows every kernel launch)."""
+    import torch
+
+    from triton_bq import functional
+
+    from . import linear
+
+    x_dtype, w_dtype, autocast, precision = (getattr(torch, name) if name in ("float32", "bfloat16", "float16")
+                                             else name for name in _COMPUTE[setup["compute"]])
+    act_method, act_bits, act_signed = _ACTS[setup["act"]]
+    # Multiples of 16 like real layers, so the pointer / stride alignment specializations are the usual ones.
+    x = torch.zeros(64, 128, dtype=x_dtype, requires_grad=True)
+    weight = torch.full((96, 128), 0.5, dtype=w_dtype, requires_grad=True)
+    bias = torch.zeros(96, dtype=w_dtype, requires_grad=True)
+    clip = torch.tensor([-2.0, 2.0], requires_grad=True)
+    step = torch.tensor(0.25, requires_grad=True)
+    saved_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        with linear.act_path(setup["path"]), torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            y = functional.quant_linear(
+                x, weight, bias, weight_method=setup["weight_method"], granularity=setup["granularity"],
+                ste=setup["ste"], act_method=act_method, act_bits=act_bits, act_clip=clip, act_step=step,
+                act_signed=act_signed, backend="triton",
+            )
+        y.backward(torch.zeros_like(y))
+    finally:
+        torch.set_float32_matmul_precision(saved_precision)
+
+
+def _packed_grid(full: bool):
+    dtypes = ["bfloat16", "int8", "float16", "float32"] if full else ["bfloat16", "int8"]
+    ms = [1, 2, 16, 64, 4096] if full else [1, 16, 4096]
+    for dtype, m, bits, parts in itertools.product(dtypes, ms, (1, 2), (1, 2) if full else (1,)):
+        yield dict(dtype=dtype, M=m, bits=bits, parts=parts)
+
+
+def _run_packed(setup: dict) -> None:
+    import torch
+
+    from . import packed_matmul
+
+    n, k = 4096, 4096
+    words = k // (32 // setup["bits"])
+    data = torch.zeros(setup["parts"], n, words, dtype=torch.int32)
+    scale = torch.ones(setup["parts"], n)
+    bias = torch.zeros(n)
+    if setup["dtype"] == "int8":
+        x, x_scale = packed_matmul.quantize_int8(torch.zeros(setup["M"], k, dtype=torch.bfloat16))
+    else:
+        x, x_scale = torch.zeros(setup["M"], k, dtype=getattr(torch, setup["dtype"])), None
+    packed_matmul.packed_matmul(x, data, scale, bias, bits=setup["bits"], in_features=k, x_scale=x_scale)
+
+
+def record(target_name: str, full: bool) -> list[Launch]:
+    """Every launch the launchers make for the grid on ``target_name`` (nothing runs)."""
+    from . import _common, configs
+
+    launches: list[Launch] = []
+    current = {"setup": ""}
+
+    def recorder(kernel, args, constexprs, options):
+        launches.append(Launch(kernel, args, dict(constexprs), tuple(options), current["setup"]))
+
+    saved = _common.LAUNCH_RECORDER
+    _common.LAUNCH_RECORDER = recorder
+    try:
+        with configs.recording(configs.TARGETS[target_name]):
+            for setup in _grid(full):
+                current["setup"] = "linear " + " ".join(f"{key}={value}" for key, value in setup.items())
+                _run_linear(setup)
+            for setup in _packed_grid(full):
+                current["setup"] = "packed " + " ".join(f"{key}={value}" for key, value in setup.items())
+                _run_packed(setup)
+    finally:
+        _common.LAUNCH_RECORDER = saved
+    return launches
+
+
+def _backend(target_name: str):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    from . import configs
+
+    return make_backend(GPUTarget("cuda", configs.TARGETS[target_name].capability, 32))
+
+
+def _bind(launch: Launch, option, backend):
+    """(signature, constexprs, attrs, options) exactly as ``JITFunction.run`` derives them for this backend."""
+    from triton import knobs
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = launch.kernel
+    kwargs = dict(launch.constexprs, **option.all_kwargs())
+    kwargs["debug"] = kernel.debug or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return signature, constexprs, attrs, options
+
+
+def _describe(signature, constexprs, attrs) -> str:
+    types = ",".join(str(value) for value in signature.values() if value != "constexpr")
+    values = ",".join(f"{name[0] if isinstance(name, tuple) else name}={value}" for name, value in constexprs.items()
+                      if not (isinstance(value, int) and value == 1 and not isinstance(value, bool)))
+    return f"{types}|{values}|{sorted(attrs.items())}"
+
+
+def _config_name(option) -> str:
+    meta = "x".join(str(value) for name, value in option.kwargs.items() if name.startswith("BLOCK"))
+    return f"{meta}/{option.num_warps}w/{option.num_stages}s"
+
+
+_PTXAS = re.compile(r"Used (\d+) registers")
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+# Filled in each worker (fork) before the pool starts: the specializations to compile.
+_JOBS: list = []
+
+
+def _compile_job(index: int) -> Result:
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    from . import configs
+
+    target_name, launch, option, result = _JOBS[index]
+    started = time.time()
+    try:
+        backend = _backend(target_name)
+        signature, constexprs, attrs, options = _bind(launch, option, backend)
+        source = triton.compiler.ASTSource(launch.kernel, signature, constexprs, attrs)
+        knobs.nvidia.dump_ptxas_log = True
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(
+                source, target=GPUTarget("cuda", configs.TARGETS[target_name].capability, 32),
+                options=options.__dict__,
+            )
+        text = log.getvalue()
+        result.shared = compiled.metadata.shared
+        result.registers = max((int(value) for value in _PTXAS.findall(text)), default=0)
+        spills = _SPILLS.findall(text)
+        result.spill_stores = max((int(stores) for stores, _ in spills), default=0)
+        result.spill_loads = max((int(loads) for _, loads in spills), default=0)
+        ttgir = compiled.asm.get("ttgir", "")
+        if "warp_group_dot" in ttgir:
+            pendings = [int(value) for value in re.findall(r"pendings = (\d+)", ttgir)]
+            result.mma = "wgmma async" if any(pendings) else "wgmma sync"
+        elif "tc_gen5_mma" in ttgir:
+            result.mma = "tcgen05"
+        elif "tt.dot" in ttgir:
+            result.mma = "mma" if "nvidia_mma" in ttgir else "fma"
+    except Exception as error:  # a compile error is a result of the gate, reported with the message
+        result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    result.seconds = time.time() - started
+    return result
+
+
+def collect(targets, every_config: bool, full: bool, only: str | None = None) -> list:
+    """Distinct (target, launch, config, Result) jobs for the targets; the default config first per launch.
+    ``only``: a regular expression a launch's "kernel setup" text must contain."""
+    pattern = re.compile(only) if only else None
+    jobs = []
+    for target_name in targets:
+        backend = _backend(target_name)
+        seen = {}
+        for launch in record(target_name, full):
+            if pattern and not pattern.search(f"{launch.kernel.__name__} {launch.setup}"):
+                continue
+            for position, option in enumerate(launch.configs if every_config else launch.configs[:1]):
+                signature, constexprs, attrs, _ = _bind(launch, option, backend)
+                key = (launch.kernel.__name__, _describe(signature, constexprs, attrs), _config_name(option))
+                if key in seen:
+                    seen[key].setups.append(launch.setup)
+                    seen[key].default |= position == 0
+                    continue
+                result = Result(target_name, key[0], key[1], key[2], position == 0, [launch.setup])
+                seen[key] = result
+                jobs.append((target_name, launch, option, result))
+    return jobs
+
+
+def run(targets=DEFAULT_TARGETS, every_config: bool = False, full: bool = False, workers: int | None = None,
+        only: str | None = None, progress=None):
+    """Compile every job in parallel; returns the results (in job order), each also handed to ``progress``."""
+    import multiprocessing
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("the compile gate needs TRITON_INTERPRET unset (the interpreter replaces compilation)")
+    unknown = [name for name in targets if name not in _target_names()]
+    if unknown:
+        raise ValueError(f"unknown targets {unknown}; choose from {_target_names()}")
+    _JOBS[:] = collect(targets, every_config, full, only)
+    workers = workers or os.cpu_count() or 1
+    # fork: the workers inherit the recorded launches (tensors and JIT functions) without pickling them.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        results = []
+        for result in pool.map(_compile_job, range(len(_JOBS)), chunksize=1):
+            results.append(result)
+            if progress is not None:
+                progress(result)
+        return results
+
+
+def _target_names():
+    from . import configs
+
+    return list(configs.TARGETS)
+
+
+def failures(results) -> list:
+    from . import configs
+
+    return [(result, reason) for result in results
+            if (reason := result.failure(configs.TARGETS[result.target].shared_memory))]
+
+
+def print_table(results, out=sys.stdout, detail: bool = False) -> None:
+    """Per target and kernel: specializations, configs, worst shared memory, worst registers, spills, MMA kinds."""
+    from . import configs
+
+    groups = {}
+    for result in results:
+        groups.setdefault((result.target, result.kernel, result.default), []).append(result)
+    header = (f"{'target':7s} {'kernel':28s} {'cfg':7s} {'specs':>5s} {'shared KB min-max':>17s} {'limit KB':>8s} "
+              f"{'over':>4s} {'regs max':>8s} {'spilling':>8s} {'spill B max':>11s} {'errors':>6s}  mma")
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for (target, kernel, default), group in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1],
+                                                                                       not item[0][2])):
+        limit = configs.TARGETS[target].shared_memory
+        compiled = [result for result in group if not result.error]
+        shared = [result.shared for result in compiled]
+        spilling = [result for result in compiled if result.spill_stores or result.spill_loads]
+        kinds = sorted({result.mma for result in compiled if result.mma})
+        shared_text = f"{min(shared) / 1024:.0f}-{max(shared) / 1024:.0f}" if shared else "-"
+        print(f"{target:7s} {kernel:28s} {'default' if default else 'others':7s} {len(group):5d} {shared_text:>17s} "
+              f"{limit / 1024:8.0f} {sum(s > limit for s in shared):4d} "
+              f"{max((r.registers for r in compiled), default=0):8d} {len(spilling):8d} "
+              f"{max((r.spill_stores for r in spilling), default=0):11d} {len(group) - len(compiled):6d}  "
+              f"{', '.join(kinds)}", file=out)
+    if detail:
+        for result in results:
+            print_result(result, out)
+
+
+def print_result(result, out=sys.stdout) -> None:
+    print(f"{result.target} {result.kernel} {result.config} {'default' if result.default else 'other'} "
+          f"shared={result.shared} regs={result.registers} spills={result.spill_stores}/{result.spill_loads} "
+          f"{result.mma} {result.seconds:.1f}s {result.error} {result.specialization} <- {result.setups[0]}",
+          file=out, flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma list of sm_80, sm_86, ...")
+    parser.add_argument("--configs", choices=["default", "all"], default="default",
+                        help="compile the default config of each launch, or every autotune config")
+    parser.add_argument("--grid", choices=["ci", "full"], default="ci", help="the setups the launchers run")
+    parser.add_argument("--all", action="store_true", help="every target, every config, the full grid")
+    parser.add_argument("--workers", type=int, default=None, help="compile processes (default: CPU count)")
+    parser.add_argument("--only", default=None, help="regular expression on 'kernel setup' (a subset, for checks)")
+    parser.add_argument("--detail", action="store_true", help="also print one line per compile as it finishes")
+    args = parser.parse_args(argv)
+    if args.all:
+        args.targets, args.configs, args.grid = ",".join(_target_names()), "all", "full"
+    # A fresh cache so that every specialization is really compiled and ptxas reports on it.
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_bq_gate_")
+    started = time.time()
+    results = run([name.strip() for name in args.targets.split(",") if name.strip()], args.configs == "all",
+                  args.grid == "full", args.workers, args.only, print_result if args.detail else None)
+    print_table(results)
+    failed = failures(results)
+    failed_defaults = [(result, reason) for result, reason in failed if result.default]
+    for result, reason in failed:
+        print(f"{'FAIL' if result.default else 'note'} {result.target} {result.kernel} {result.config}: {reason} "
+              f"{result.error} [{result.specialization}] <- {result.setups[0]}")
+    print(f"{len(results)} compiles in {time.time() - started:.0f} s; {len(failed_defaults)} default configs fail, "
+          f"{len(failed) - len(failed_defaults)} other autotune configs do not fit or spill (pruned or skipped)")
+    return 1 if failed_defaults else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

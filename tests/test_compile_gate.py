@@ -1,0 +1,87 @@
+"""The offline compile gate: the launchers' own launches, compiled for sm_80 / sm_89 / sm_90 without a GPU.
+
+``test_default_configs_compile_fit_and_do_not_spill`` runs ``python -m triton_bq.kernels.compile_gate`` (the default
+config of every launch specialization of the CI grid, three targets, one worker process per core, a fresh Triton
+cache) in a subprocess without ``TRITON_INTERPRET``; it fails on a compile error, shared memory over a target's
+per-block limit or a register spill. The rest checks the config choice itself, cheaply, in this process.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from triton_bq.kernels import configs, linear
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _operand_mixes():
+    for x_bytes in (2, 4):
+        for weight_bytes in (2, 4):
+            for dot_bytes in (2, 4):
+                for act_fused in (False, True):
+                    for partials in (False, True):
+                        yield configs.LinearOperands(x_bytes, weight_bytes, dot_bytes, act_fused, partials)
+
+
+@pytest.mark.parametrize("target", list(configs.TARGETS.values()), ids=list(configs.TARGETS))
+def test_every_target_gets_fitting_configs(target):
+    """Every GEMM and operand mix keeps a non-empty config list whose shared-memory bound fits the target."""
+    for kernel in configs.LINEAR_KERNELS:
+        for operands in _operand_mixes():
+            options = configs.linear(kernel, target, operands)
+            assert options, (kernel, target, operands)
+            for option in options:
+                assert configs.linear_shared_bound(kernel, option, operands) <= target.shared_memory
+
+
+def test_interpreter_configs_are_unchanged_by_targets():
+    """Under the interpreter (target None) the kernels keep their one small config, whatever the operands."""
+    for kernel in configs.LINEAR_KERNELS:
+        for operands in _operand_mixes():
+            (option,) = configs.linear(kernel, None, operands)
+            assert option.kwargs == dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP=2)
+
+
+def test_slots_tile_every_grad_x_config():
+    slot_m, slot_k = configs.linear_slots()
+    for target in configs.TARGETS.values():
+        for operands in _operand_mixes():
+            for option in configs.linear("bwd_x", target, operands):
+                assert option.kwargs["BLOCK_M"] % slot_m == 0 and option.kwargs["BLOCK_K"] % slot_k == 0
+
+
+def test_act_path_context_and_setter():
+    assert linear._ACT_PATH == "fused"
+    with linear.act_path("codes"):
+        assert linear._ACT_PATH == "codes"
+    assert linear._ACT_PATH == "fused"
+    with pytest.raises(ValueError, match="bogus"):
+        linear.set_act_path("bogus")
+    assert linear.set_act_path("fused") == "fused"
+
+
+def test_recording_target_is_scoped():
+    cpu = torch.device("cpu")
+    assert configs.target_of(cpu) is None
+    with configs.recording(configs.TARGETS["sm_89"]):
+        assert configs.target_of(cpu).shared_memory == 101376
+    assert configs.target_of(cpu) is None
+    with pytest.raises(TypeError, match="str"):
+        with configs.recording("sm_89"):
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_default_configs_compile_fit_and_do_not_spill():
+    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    completed = subprocess.run(
+        [sys.executable, "-m", "triton_bq.kernels.compile_gate", "--targets", "sm_80,sm_89,sm_90"],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )
+    assert completed.returncode == 0, completed.stdout[-6000:] + completed.stderr[-3000:]
+    assert "0 default configs fail" in completed.stdout
