@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import io
 import itertools
+import multiprocessing
 import os
 import re
 import sys
@@ -28,6 +29,17 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+
+import torch
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from triton_bq.options import QuantOptions
+
+from . import _common, configs, linear, packed_matmul
 
 # Activation quantizers of the grid: (act_method, act_bits, act_signed).
 _ACTS = {"none": (None, 8, True), "sym8": ("sym", 8, True), "asym8": ("asym", 8, True),
@@ -86,7 +98,7 @@ _WEIGHTS = [("bwn", "tensor"), ("bwn", "row"), ("twn", "tensor"), ("twn", "row")
 
 
 def _grid(full: bool):
-    """User-level setups (option dicts of ``triton_bq.functional.quant_linear``) the launchers run.
+    """User-level setups (``QuantOptions`` of the fused launcher ``fused_quant_linear``) the launchers run.
 
     ``full``: the product of every compute setup, weight quantizer, STE, activation quantizer and activation path.
     Otherwise (the CI grid) every (compute, activation, path) combination of the usual training setups once,
@@ -115,11 +127,6 @@ def _grid(full: bool):
 
 def _run_linear(setup: dict) -> None:
     """Forward and backward of one setup on small CPU tensors (the recorder swallows every kernel launch)."""
-    import torch
-
-    from triton_bq import functional
-
-    from . import linear
 
     x_dtype, w_dtype, autocast, precision = (getattr(torch, name) if name in ("float32", "bfloat16", "float16")
                                              else name for name in _COMPUTE[setup["compute"]])
@@ -134,11 +141,9 @@ def _run_linear(setup: dict) -> None:
     torch.set_float32_matmul_precision(precision)
     try:
         with linear.act_path(setup["path"]), torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-            y = functional.quant_linear(
-                x, weight, bias, weight_method=setup["weight_method"], granularity=setup["granularity"],
-                ste=setup["ste"], act_method=act_method, act_bits=act_bits, act_clip=clip, act_step=step,
-                act_signed=act_signed, backend="triton",
-            )
+            options = QuantOptions(setup["weight_method"], setup["granularity"], setup["ste"], act_method, act_bits,
+                                   act_signed)
+            y = linear.fused_quant_linear(x, weight, bias, options, act_clip=clip, act_step=step)
         y.backward(torch.zeros_like(y))
     finally:
         torch.set_float32_matmul_precision(saved_precision)
@@ -152,9 +157,6 @@ def _packed_grid(full: bool):
 
 
 def _run_packed(setup: dict) -> None:
-    import torch
-
-    from . import packed_matmul
 
     n, k = 4096, 4096
     words = k // (32 // setup["bits"])
@@ -170,7 +172,6 @@ def _run_packed(setup: dict) -> None:
 
 def record(target_name: str, full: bool) -> list[Launch]:
     """Every launch the launchers make for the grid on ``target_name`` (nothing runs)."""
-    from . import _common, configs
 
     launches: list[Launch] = []
     current = {"setup": ""}
@@ -194,18 +195,12 @@ def record(target_name: str, full: bool) -> list[Launch]:
 
 
 def _backend(target_name: str):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-
-    from . import configs
 
     return make_backend(GPUTarget("cuda", configs.TARGETS[target_name].capability, 32))
 
 
 def _bind(launch: Launch, option, backend):
     """(signature, constexprs, attrs, options) exactly as ``JITFunction.run`` derives them for this backend."""
-    from triton import knobs
-    from triton.runtime.jit import create_function_from_signature
 
     kernel = launch.kernel
     kwargs = dict(launch.constexprs, **option.all_kwargs())
@@ -238,11 +233,6 @@ _JOBS: list = []
 
 
 def _compile_job(index: int) -> Result:
-    import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-
-    from . import configs
 
     target_name, launch, option, result = _JOBS[index]
     started = time.time()
@@ -304,7 +294,6 @@ def collect(targets, every_config: bool, full: bool, only: str | None = None) ->
 def run(targets=DEFAULT_TARGETS, every_config: bool = False, full: bool = False, workers: int | None = None,
         only: str | None = None, progress=None):
     """Compile every job in parallel; returns the results (in job order), each also handed to ``progress``."""
-    import multiprocessing
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the compile gate needs TRITON_INTERPRET unset (the interpreter replaces compilation)")
@@ -324,13 +313,11 @@ def run(targets=DEFAULT_TARGETS, every_config: bool = False, full: bool = False,
 
 
 def _target_names():
-    from . import configs
 
     return list(configs.TARGETS)
 
 
 def failures(results) -> list:
-    from . import configs
 
     return [(result, reason) for result in results
             if (reason := result.failure(configs.TARGETS[result.target].shared_memory))]
@@ -338,7 +325,6 @@ def failures(results) -> list:
 
 def print_table(results, out=sys.stdout, detail: bool = False) -> None:
     """Per target and kernel: specializations, configs, worst shared memory, worst registers, spills, MMA kinds."""
-    from . import configs
 
     groups = {}
     for result in results:

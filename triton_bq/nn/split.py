@@ -6,7 +6,7 @@ A split layer holds two binary halves and returns their sum:
 
 (``Qi`` is each half's own activation quantizer), which is ``[Q1(x), Q2(x)] @ [BWN(W1), BWN(W2)]^T + b1 + b2``: a
 binary layer of twice the input width. Each half is a ``triton_bq.BinaryLinear`` (or a binary
-``triton_bq.QuantEmbedding``), so it runs the fused ``triton_bq.functional.quant_linear`` path, packs like any other
+``triton_bq.QuantEmbedding``), so it runs the fused ``triton_bq.ops.quant_linear`` path, packs like any other
 binary layer and is undone by ``triton_bq.dequantize_`` (the halves become plain ``nn.Linear``/``nn.Embedding`` and
 the layer then computes ``x (W1 + W2)^T + b1 + b2`` in full precision).
 
