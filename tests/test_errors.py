@@ -11,6 +11,7 @@ import torch
 from tiny_bert import tiny_bert
 from torch import nn
 
+import triton_bq
 from triton_bq import bitpack, ops
 from triton_bq import reference as ref
 from triton_bq.convert import QuantConfig, quantize_
@@ -22,7 +23,7 @@ from triton_bq.nn.embedding import QuantEmbedding
 from triton_bq.nn.linear import BinaryLinear, QuantLinear, TernaryLinear
 from triton_bq.nn.packed import PackedEmbedding, PackedLinear, PackedSplitLinear
 from triton_bq.options import QuantOptions, check_act_bits, check_choice
-from triton_bq.recipe import distill, tws
+from triton_bq.recipe import adaptive, distill, tws, width
 
 W = torch.linspace(-1, 1, 12).reshape(3, 4)
 X = torch.linspace(-1, 1, 8).reshape(2, 4)
@@ -309,9 +310,135 @@ SIZE_CASES = [
           r"unit must be one of .*, got 'GB'"),
 ]
 
+PACKED_LINEAR_CASES = [
+    _case("packed-type", lambda: ops.packed_linear(X, W), TypeError,
+          r"packed must be a triton_bq.bitpack.PackedWeight, got Tensor"),
+    _case("x-type", lambda: ops.packed_linear([1.0], _packed()), TypeError, r"x must be a tensor, got list"),
+    _case("x-dtype", lambda: ops.packed_linear(X.double(), _packed()), TypeError,
+          r"x must be float32, bfloat16, float16 or int8, got dtype torch.float64"),
+    _case("x-width", lambda: ops.packed_linear(X[:, :3], _packed()), ValueError,
+          r"x's last dim must be in_features=4, got shape \(2, 3\)"),
+    _case("act-quant", lambda: ops.packed_linear(X, _packed(), act_quant="per_row"), ValueError,
+          r"act_quant must be one of \(None, 'per_token', 'per_tensor'\), got 'per_row'"),
+    _case("act-quant-with-int8", lambda: ops.packed_linear(X, _packed(), x_scale=torch.ones(2), act_quant="per_token"),
+          ValueError, r"act_quant quantizes float x itself: pass neither int8 x nor x_scale with it"),
+    _case("int8-without-scale", lambda: ops.packed_linear(X.to(torch.int8), _packed()), ValueError,
+          r"int8 x needs x_scale \(the activation scale: one value, or one per row\)"),
+    _case("x-scale-type", lambda: ops.packed_linear(X.to(torch.int8), _packed(), x_scale=2.0), TypeError,
+          r"x_scale must be a tensor, got float"),
+    _case("x-scale-count", lambda: ops.packed_linear(X.to(torch.int8), _packed(), x_scale=torch.ones(3)), ValueError,
+          r"x_scale must have 1 or 2 elements \(x.shape\[:-1\]\), got shape \(3,\)"),
+]
+
+
+def _fused(weight=W, x=X, options=None, **tensors):
+    from triton_bq.kernels.linear import fused_quant_linear
+
+    return fused_quant_linear(x, weight, None, QuantOptions() if options is None else options, **tensors)
+
+
+def _kernel_check(name, tensor):
+    from triton_bq.kernels import _common
+
+    _common.check_kernel_tensor(name, tensor)
+
+
+def _device_scales(*args, **kwargs):
+    from triton_bq.kernels import scales
+
+    return scales.weight_scale_threshold(*args, **kwargs)
+
+
+def _device_act_params(*args, **kwargs):
+    from triton_bq.kernels import scales
+
+    return scales.act_params(*args, **kwargs)
+
+
+KERNEL_CASES = [
+    _case("kernel-dtype", lambda: _kernel_check("weight", W.double()), TypeError,
+          r"weight must have dtype in \(.*\) for the Triton kernels, got torch.float64"),
+    _case("kernel-offsets", lambda: _kernel_check("x", torch.empty(2**31, device="meta")), ValueError,
+          r"x has 2147483648 elements; the kernels use 32-bit offsets"),
+    _case("fused-options", lambda: _fused(options="bwn"), TypeError,
+          r"options must be a triton_bq.QuantOptions, got str"),
+    _case("fused-scale-type", lambda: _fused(weight_scale=0.5), TypeError, r"weight_scale must be a tensor, got float"),
+    _case("fused-scale-count", lambda: _fused(weight_scale=torch.ones(2)), ValueError,
+          r"weight_scale must have 1 or out_features=3 elements, got shape \(2,\)"),
+    _case("fused-scale-alone", lambda: _fused(options=QuantOptions("twn"), weight_scale=torch.ones(())), ValueError,
+          r"weight_scale and weight_threshold must be given together for weight_method='twn'"),
+    _case("fused-device", lambda: _fused(weight=W.to("meta")), ValueError,
+          r"x and weight must be on the same device, got cpu and meta"),
+    _case("scales-shape", lambda: _device_scales(W.reshape(-1), "bwn"), ValueError,
+          r"weight must be a non-empty 2-D tensor, got shape \(12,\)"),
+    _case("scales-granularity", lambda: _device_scales(W, "bwn", "col"), ValueError,
+          r"granularity must be one of \('tensor', 'row'\), got 'col'"),
+    _case("scales-method", lambda: _device_scales(W, "lat"), ValueError,
+          r"weight_method must be 'bwn' or 'twn' to compute scales on the device, got 'lat'"),
+    _case("act-params-step", lambda: _device_act_params(X, "lsq", 4, step=torch.ones(2)), ValueError,
+          r"act_method='lsq' needs a one-element act_step, got tensor\(\[1\., 1\.\]\)"),
+    _case("act-params-clip", lambda: _device_act_params(X, "sym", 8), ValueError,
+          r"act_method='sym' needs act_clip with 2 elements \(lo, hi\), got None"),
+    _case("act-params-x", lambda: _device_act_params(X[None], "sym", 8, clip=torch.tensor([-1.0, 1.0])), ValueError,
+          r"x must be 2-D \[tokens, features\] here, got shape \(1, 2, 4\)"),
+]
+
+
+def _ternary_model():
+    return triton_bq.quantize_(nn.Sequential(nn.Linear(4, 3)), QuantConfig(weight_method="twn", act_bits=None))
+
+
+ADAPTIVE_CASES = [
+    _case("extra-bytes", lambda: adaptive.split_extra_bytes(BinaryLinear(4, 3)), TypeError,
+          r"module must be a ternary QuantLinear or QuantEmbedding, got BinaryLinear"),
+    _case("costs-name", lambda: adaptive.split_costs(_ternary_model(), {"group": ["1"]}), ValueError,
+          r"candidate 'group' names '1', which is not a ternary module of this model"),
+    _case("keys", lambda: adaptive.choose_splits({"a": 1.0}, {"b": 4}, 8), ValueError,
+          r"sensitivities and sizes must have the same keys; only in sensitivities: \['a'\]"),
+    _case("budget-type", lambda: adaptive.choose_splits({"a": 1.0}, {"a": 4}, 8.0), TypeError,
+          r"budget must be an int \(bytes\), got float"),
+    _case("budget-negative", lambda: adaptive.choose_splits({"a": 1.0}, {"a": 4}, -1), ValueError,
+          r"budget must be >= 0, got -1"),
+    _case("unit", lambda: adaptive.choose_splits({"a": 1.0}, {"a": 4}, 8, unit=0), ValueError,
+          r"unit must be None or a positive int, got 0"),
+    _case("size-type", lambda: adaptive.choose_splits({"a": 1.0}, {"a": 4.5}, 8), TypeError,
+          r"sizes\['a'\] must be an int \(bytes\), got float"),
+    _case("size-negative", lambda: adaptive.choose_splits({"a": 1.0}, {"a": -4}, 8), ValueError,
+          r"sizes\['a'\] must be >= 0, got -4"),
+    _case("sensitivity", lambda: adaptive.choose_splits({"a": float("nan")}, {"a": 4}, 8), ValueError,
+          r"sensitivities\['a'\] must be finite, got nan"),
+    _case("cells", lambda: adaptive.choose_splits({"a": 1.0, "b": 1.0}, {"a": 1, "b": 3}, 100, max_cells=10),
+          ValueError, r"the knapsack table would have 2 x 101 cells \(> max_cells=10\)"),
+]
+
+WIDTH_CASES = [
+    _case("width", lambda: width.width_plan(tiny_bert(0), 1.5), ValueError,
+          r"width must be a number in \(0, 1\], got 1\.5"),
+    _case("no-layers", lambda: width.taylor_importance(nn.Linear(2, 2), []), ValueError,
+          r"model has no BERT-style layers to rank \(Linear\)"),
+    _case("no-batches", lambda: width.taylor_importance(tiny_bert(0), []), ValueError,
+          r"batches is empty: taylor_importance needs at least one batch"),
+    _case("not-whole", lambda: width.width_plan(tiny_bert(0), 0.3), ValueError,
+          r"width=0\.3 does not apply to BertForSequenceClassification"),
+    _case("importance-layers", lambda: width.width_plan(tiny_bert(0), 0.5, importance={"layer": {}}), ValueError,
+          r"importance names layers \['layer'\], the model has \['bert.encoder.layer.0', 'bert.encoder.layer.1'\]"),
+    _case("plan-layers", lambda: width.shrink_width_(tiny_bert(0), {"layer": {}}), ValueError,
+          r"the plan names layers \['layer'\], the model has \['bert.encoder.layer.0', 'bert.encoder.layer.1'\]"),
+    _case("kept-heads", lambda: width.kept_heads(tiny_bert(0), {"layer": {}}), ValueError,
+          r"the plan names layers \['layer'\], the model has \['bert.encoder.layer.0', 'bert.encoder.layer.1'\]"),
+]
+
+EXPORT_CASES = [
+    _case("save-type", lambda: triton_bq.save_packed("bert", "unused"), TypeError,
+          r"model must be an nn.Module, got str"),
+    _case("pack-type", lambda: triton_bq.pack_model("bert"), TypeError, r"model must be an nn.Module, got str"),
+]
+
+
 TABLES = {"options": OPTIONS_CASES, "reference": REFERENCE_CASES, "convert": CONVERT_CASES, "nn": NN_CASES,
           "ops": OPS_CASES, "packed": PACKED_CASES, "bitpack": BITPACK_CASES, "distill": DISTILL_CASES,
-          "tws": TWS_CASES, "size": SIZE_CASES}
+          "tws": TWS_CASES, "size": SIZE_CASES, "packed_linear": PACKED_LINEAR_CASES, "kernels": KERNEL_CASES,
+          "adaptive": ADAPTIVE_CASES, "width": WIDTH_CASES, "export": EXPORT_CASES}
 
 
 @pytest.mark.parametrize("call, error, match", [case for table in TABLES.values() for case in table])
