@@ -435,10 +435,86 @@ EXPORT_CASES = [
 ]
 
 
+def _matmul(x=None, data=None, scale=None, bias=None, **kwargs):
+    from triton_bq.kernels import packed_matmul as pm
+
+    packed = _packed()
+    arguments = dict(bits=1, in_features=4)
+    arguments.update(kwargs)
+    return pm.packed_matmul(X if x is None else x, packed.data if data is None else data,
+                            packed.scale if scale is None else scale, bias, **arguments)
+
+
+def _matmul_config(kernel, **changes):
+    from triton_bq.kernels import packed_matmul as pm
+
+    return dict(pm.default_config(2, 3, 4, 1, kernel=kernel, num_sms=1), **changes)
+
+
+def _default_config(*args, **kwargs):
+    from triton_bq.kernels import packed_matmul as pm
+
+    return pm.default_config(*args, **kwargs)
+
+
+def _quantize_int8(x):
+    from triton_bq.kernels import packed_matmul as pm
+
+    return pm.quantize_int8(x)
+
+
+PACKED_MATMUL_CASES = [
+    _case("gemv-m", lambda: _default_config(17, 33, 100, 1, kernel="gemv", num_sms=1), ValueError,
+          r"the gemv kernel takes M <= 16, got M=17"),
+    _case("kernel", lambda: _default_config(1, 33, 100, 1, kernel="dense", num_sms=1), ValueError,
+          r"kernel must be 'auto', 'gemv' or 'gemm', got 'dense'"),
+    _case("config-block-m", lambda: _matmul(config=_matmul_config("gemv", BLOCK_M=1)), ValueError,
+          r"config BLOCK_M=1 is smaller than M=2 \(the gemv holds all rows\)"),
+    _case("config-block-k", lambda: _matmul(config=_matmul_config("gemm", BLOCK_K=40)), ValueError,
+          r"config BLOCK_K=40 must be a multiple of 32 for bits=1"),
+    _case("config-split-k", lambda: _matmul(config=_matmul_config("gemm", SPLIT_K=0)), ValueError,
+          r"config SPLIT_K must be a positive int, got 0"),
+    _case("x-type", lambda: _matmul(x=[1.0]), TypeError, r"x must be a tensor, got list"),
+    _case("x-dtype", lambda: _matmul(x=X.double()), TypeError,
+          r"x must be float32, bfloat16, float16 or int8, got dtype torch.float64"),
+    _case("data-dtype", lambda: _matmul(data=torch.ones(1, 3, 1)), TypeError,
+          r"data must be int32 packed words, got dtype torch.float32"),
+    _case("scale-dtype", lambda: _matmul(scale=torch.ones(1, 1, dtype=torch.long)), TypeError,
+          r"scale must be a floating-point tensor, got dtype torch.int64"),
+    _case("bits", lambda: _matmul(bits=3), ValueError, r"bits must be 1 or 2, got 3"),
+    _case("x-shape", lambda: _matmul(x=X[:, :3]), ValueError,
+          r"x must be 2-D \[M, in_features=4\], got shape \(2, 3\)"),
+    _case("data-shape", lambda: _matmul(data=torch.ones(1, 3, 2, dtype=torch.int32)), ValueError,
+          r"data must be \[parts \(1 or 2\), N, 1\], got shape \(1, 3, 2\)"),
+    _case("data-strides", lambda: _matmul(data=torch.ones(1, 3, 2, dtype=torch.int32)[:, :, ::2]), ValueError,
+          r"data must be contiguous along its last dim, got strides \(6, 2, 2\)"),
+    _case("scale-shape", lambda: _matmul(scale=torch.ones(1, 2)), ValueError,
+          r"scale must be \[1, 1\] or \[1, 3\], got shape \(1, 2\)"),
+    _case("bias-dtype", lambda: _matmul(bias=torch.ones(3, dtype=torch.long)), TypeError,
+          r"bias must be a floating-point tensor, got torch.int64"),
+    _case("bias-shape", lambda: _matmul(bias=torch.ones(4)), ValueError, r"bias must have shape \(3,\), got \(4,\)"),
+    _case("x-scale-dtype", lambda: _matmul(x=X.to(torch.int8), x_scale=torch.ones(2, dtype=torch.long)), TypeError,
+          r"x_scale must be a floating-point tensor, got torch.int64"),
+    _case("x-scale-count", lambda: _matmul(x=X.to(torch.int8), x_scale=torch.ones(3)), ValueError,
+          r"x_scale must have 1 or M=2 elements, got shape \(3,\)"),
+    _case("int8-scale", lambda: _matmul(x=X.to(torch.int8)), ValueError,
+          r"int8 x needs x_scale \(the activation scale: one value, or one per row\)"),
+    _case("device", lambda: _matmul(bias=torch.ones(3, device="meta")), ValueError, r"bias is on meta but x is on cpu"),
+    _case("out-dtype", lambda: _matmul(out_dtype=torch.float64), TypeError,
+          r"out_dtype must be float32, bfloat16 or float16, got torch.float64"),
+    _case("out-shape", lambda: _matmul(out=torch.empty(3, 3)), ValueError,
+          r"out must be a \[2, 3\] torch.float32 tensor on cpu, got \(3, 3\) torch.float32 on cpu"),
+    _case("int8-input", lambda: _quantize_int8(X.long()), TypeError,
+          r"x must be a float32, bfloat16 or float16 tensor, got torch.int64"),
+    _case("int8-shape", lambda: _quantize_int8(X[0]), ValueError, r"x must be 2-D \[M, K\], got shape \(4,\)"),
+]
+
+
 TABLES = {"options": OPTIONS_CASES, "reference": REFERENCE_CASES, "convert": CONVERT_CASES, "nn": NN_CASES,
           "ops": OPS_CASES, "packed": PACKED_CASES, "bitpack": BITPACK_CASES, "distill": DISTILL_CASES,
           "tws": TWS_CASES, "size": SIZE_CASES, "packed_linear": PACKED_LINEAR_CASES, "kernels": KERNEL_CASES,
-          "adaptive": ADAPTIVE_CASES, "width": WIDTH_CASES, "export": EXPORT_CASES}
+          "adaptive": ADAPTIVE_CASES, "width": WIDTH_CASES, "export": EXPORT_CASES,
+          "packed_matmul": PACKED_MATMUL_CASES}
 
 
 @pytest.mark.parametrize("call, error, match", [case for table in TABLES.values() for case in table])
