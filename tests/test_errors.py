@@ -208,6 +208,9 @@ BITPACK_CASES = [
     _case("packed-scale-shape",
           lambda: bitpack.PackedWeight(torch.ones(1, 3, 1, dtype=torch.int32), torch.ones(1, 2), 1, 4), ValueError,
           r"scale must have shape \[1, 1\] or \[1, 3\], got \(1, 2\)"),
+    _case("packed-scale-device",
+          lambda: bitpack.PackedWeight(torch.ones(1, 3, 1, dtype=torch.int32), torch.ones(1, 1, device="meta"), 1, 4),
+          ValueError, r"scale is on meta but data is on cpu"),
     _case("weight-dtype", lambda: bitpack.pack_weight(W.long()), TypeError,
           r"weight must be a floating-point tensor, got torch.int64"),
     _case("weight-dim", lambda: bitpack.pack_weight(W.reshape(-1)), ValueError,
@@ -337,6 +340,12 @@ def _fused(weight=W, x=X, options=None, **tensors):
     return fused_quant_linear(x, weight, None, QuantOptions() if options is None else options, **tensors)
 
 
+def _fused_with_bias(bias):
+    from triton_bq.kernels.linear import fused_quant_linear
+
+    return fused_quant_linear(X, W, bias, QuantOptions())
+
+
 def _kernel_check(name, tensor):
     from triton_bq.kernels import _common
 
@@ -369,6 +378,8 @@ KERNEL_CASES = [
           r"weight_scale and weight_threshold must be given together for weight_method='twn'"),
     _case("fused-device", lambda: _fused(weight=W.to("meta")), ValueError,
           r"x and weight must be on the same device, got cpu and meta"),
+    _case("fused-bias-device", lambda: _fused_with_bias(torch.ones(3, device="meta")), ValueError,
+          r"bias must be on cpu like weight, got meta"),
     _case("scales-shape", lambda: _device_scales(W.reshape(-1), "bwn"), ValueError,
           r"weight must be a non-empty 2-D tensor, got shape \(12,\)"),
     _case("scales-granularity", lambda: _device_scales(W, "bwn", "col"), ValueError,
@@ -422,6 +433,12 @@ WIDTH_CASES = [
           r"width=0\.3 does not apply to BertForSequenceClassification"),
     _case("importance-layers", lambda: width.width_plan(tiny_bert(0), 0.5, importance={"layer": {}}), ValueError,
           r"importance names layers \['layer'\], the model has \['bert.encoder.layer.0', 'bert.encoder.layer.1'\]"),
+    _case("importance-shapes", lambda: width.width_plan(tiny_bert(0), 0.5, importance={
+        f"bert.encoder.layer.{i}": {"heads": torch.ones(3), "neurons": torch.ones(48)} for i in range(2)}), ValueError,
+          r"importance\['bert.encoder.layer.0'\] must hold 4 head and 48 neuron values, got \(3,\) and \(48,\)"),
+    _case("plan-indices", lambda: width.shrink_width_(tiny_bert(0), {
+        f"bert.encoder.layer.{i}": {"heads": [0, 0], "neurons": list(range(24))} for i in range(2)}), ValueError,
+          r"plan\['bert.encoder.layer.0'\]\['heads'\] must be distinct indices in \[0, 4\), got \[0, 0\]"),
     _case("plan-layers", lambda: width.shrink_width_(tiny_bert(0), {"layer": {}}), ValueError,
           r"the plan names layers \['layer'\], the model has \['bert.encoder.layer.0', 'bert.encoder.layer.1'\]"),
     _case("kept-heads", lambda: width.kept_heads(tiny_bert(0), {"layer": {}}), ValueError,
@@ -527,3 +544,51 @@ def test_every_table_row_matches_more_than_a_fragment():
     for table in TABLES.values():
         for case in table:
             assert len(re.sub(r"\\.", "", case.values[2])) >= 20, case.id
+
+
+def _write_manifest(directory, **fields):
+    import json
+
+    from triton_bq.export.format import FORMAT, FORMAT_VERSION, MANIFEST_NAME
+
+    manifest = dict(format=FORMAT, version=FORMAT_VERSION, architecture="BertForSequenceClassification", config=None,
+                    modules={}, sizes={})
+    manifest.update(fields)
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return directory
+
+
+@pytest.mark.parametrize("fields, model_or_config, error, match", [
+    (dict(format="onnx", version=1), None, ValueError, r"packed.json is not a .* manifest: format='onnx', version=1"),
+    (dict(architecture="NoSuchModel"), None, ValueError,
+     r"cannot build architecture 'NoSuchModel' from transformers: pass the full-precision model"),
+    (dict(), None, ValueError, r"the manifest has no config: pass model_or_config"),
+    (dict(), {"hidden_size": 32}, TypeError,
+     r"model_or_config must be an nn.Module, a PretrainedConfig or None, got dict"),
+    (dict(modules={"classifier": {"type": "Conv"}}), tiny_bert(0), ValueError,
+     r"unknown module type 'Conv' for 'classifier' in .*packed.json"),
+], ids=["format", "architecture", "no-config", "config-type", "module-type"])
+def test_load_packed_rejects_bad_manifests(tmp_path, fields, model_or_config, error, match):
+    _write_manifest(tmp_path, **fields)
+    with pytest.raises(error, match=match):
+        triton_bq.load_packed(tmp_path, model_or_config)
+
+
+def test_kernels_outside_the_interpreter_need_cuda_tensors(monkeypatch):
+    from triton_bq.kernels import _common
+
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    with pytest.raises(RuntimeError, match=r"the Triton kernels need CUDA tensors .*, got x on cpu"):
+        _common.check_kernel_tensor("x", X)
+
+
+def test_to_packed_hook_must_return_a_packed_module():
+    from triton_bq.export import format as export_format
+
+    class Custom(nn.Module):
+        def to_packed(self):
+            return nn.Linear(2, 2)
+
+    with pytest.raises(TypeError, match=r"Custom.to_packed\(\) must return a PackedLinear, PackedSplitLinear or "
+                                        r"PackedEmbedding, got Linear"):
+        export_format.pack_model(nn.Sequential(Custom()))
