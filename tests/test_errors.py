@@ -4,18 +4,24 @@ Each row calls the public function with one bad argument and matches the message
 bad value it was given (house rule: ValueError/TypeError naming both, never a crash deep inside a kernel).
 """
 
+import json
 import re
 
 import pytest
 import torch
 from tiny_bert import tiny_bert
 from torch import nn
+from triton_bq.kernels import _common, scales
+from triton_bq.kernels import packed_matmul as pm
+from triton_bq.kernels.linear import fused_quant_linear
 
 import triton_bq
 from triton_bq import bitpack, ops
 from triton_bq import reference as ref
 from triton_bq.convert import QuantConfig, quantize_
+from triton_bq.export import format as export_format
 from triton_bq.export import size
+from triton_bq.export.format import FORMAT, FORMAT_VERSION, MANIFEST_NAME
 from triton_bq.nn import SplitBinaryEmbedding, SplitBinaryLinear
 from triton_bq.nn.activation import ActQuantizer, attach_optimizer
 from triton_bq.nn.attention import dequantize_attention, quantize_attention
@@ -335,32 +341,22 @@ PACKED_LINEAR_CASES = [
 
 
 def _fused(weight=W, x=X, options=None, **tensors):
-    from triton_bq.kernels.linear import fused_quant_linear
-
     return fused_quant_linear(x, weight, None, QuantOptions() if options is None else options, **tensors)
 
 
 def _fused_with_bias(bias):
-    from triton_bq.kernels.linear import fused_quant_linear
-
     return fused_quant_linear(X, W, bias, QuantOptions())
 
 
 def _kernel_check(name, tensor):
-    from triton_bq.kernels import _common
-
     _common.check_kernel_tensor(name, tensor)
 
 
 def _device_scales(*args, **kwargs):
-    from triton_bq.kernels import scales
-
     return scales.weight_scale_threshold(*args, **kwargs)
 
 
 def _device_act_params(*args, **kwargs):
-    from triton_bq.kernels import scales
-
     return scales.act_params(*args, **kwargs)
 
 
@@ -453,8 +449,6 @@ EXPORT_CASES = [
 
 
 def _matmul(x=None, data=None, scale=None, bias=None, **kwargs):
-    from triton_bq.kernels import packed_matmul as pm
-
     packed = _packed()
     arguments = dict(bits=1, in_features=4)
     arguments.update(kwargs)
@@ -463,20 +457,14 @@ def _matmul(x=None, data=None, scale=None, bias=None, **kwargs):
 
 
 def _matmul_config(kernel, **changes):
-    from triton_bq.kernels import packed_matmul as pm
-
     return dict(pm.default_config(2, 3, 4, 1, kernel=kernel, num_sms=1), **changes)
 
 
 def _default_config(*args, **kwargs):
-    from triton_bq.kernels import packed_matmul as pm
-
     return pm.default_config(*args, **kwargs)
 
 
 def _quantize_int8(x):
-    from triton_bq.kernels import packed_matmul as pm
-
     return pm.quantize_int8(x)
 
 
@@ -547,10 +535,6 @@ def test_every_table_row_matches_more_than_a_fragment():
 
 
 def _write_manifest(directory, **fields):
-    import json
-
-    from triton_bq.export.format import FORMAT, FORMAT_VERSION, MANIFEST_NAME
-
     manifest = dict(format=FORMAT, version=FORMAT_VERSION, architecture="BertForSequenceClassification", config=None,
                     modules={}, sizes={})
     manifest.update(fields)
@@ -575,16 +559,12 @@ def test_load_packed_rejects_bad_manifests(tmp_path, fields, model_or_config, er
 
 
 def test_kernels_outside_the_interpreter_need_cuda_tensors(monkeypatch):
-    from triton_bq.kernels import _common
-
     monkeypatch.setattr(_common, "INTERPRET", False)
     with pytest.raises(RuntimeError, match=r"the Triton kernels need CUDA tensors .*, got x on cpu"):
         _common.check_kernel_tensor("x", X)
 
 
 def test_to_packed_hook_must_return_a_packed_module():
-    from triton_bq.export import format as export_format
-
     class Custom(nn.Module):
         def to_packed(self):
             return nn.Linear(2, 2)
