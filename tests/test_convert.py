@@ -7,6 +7,7 @@ from tiny_bert import bert_inputs, tiny_bert
 from torch import nn
 
 import triton_bq
+from triton_bq import reference as ref
 from triton_bq.nn.attention import QuantSelfAttentionMixin, quantize_attention
 
 
@@ -56,10 +57,35 @@ def test_ternary_a4_swap_uses_lsq_everywhere():
     assert layer.attention.self.probs_quantizer.method == "lsq"
     assert layer.attention.self.probs_quantizer.signed is False
     model.train()
-    out = model(**bert_inputs(), labels=torch.tensor([0, 1, 1]))
+    inputs = bert_inputs()
+    captured = {}
+
+    def keep_output_grad(name):
+        def hook(module, args, output):
+            captured[name] = (args[0].detach(), output)
+            output.register_hook(lambda grad: captured.__setitem__(name + ".grad", grad))
+        return hook
+
+    quantizer = layer.attention.self.query_quantizer
+    embedding = model.bert.embeddings.word_embeddings
+    handles = [quantizer.register_forward_hook(keep_output_grad("query")),
+               embedding.register_forward_hook(keep_output_grad("embedding"))]
+    out = model(**inputs, labels=torch.tensor([0, 1, 1]))
     out.loss.backward()
-    assert layer.attention.self.query_quantizer.step.grad is not None
-    assert model.bert.embeddings.word_embeddings.weight.grad is not None
+    for handle in handles:
+        handle.remove()
+    # LSQ (Esser et al.): dL/ds = sum(g * local) / sqrt(numel * Qp), local = Qn / Qp when saturated, else
+    # round(v) - v, with v = x / s; signed 4 bits: Qn = -8, Qp = 7.
+    x, g = captured["query"][0], captured["query.grad"]
+    v = x / quantizer.step.detach()
+    local = torch.where(v <= -8, -8.0, torch.where(v >= 7, 7.0, torch.round(v) - v))
+    expected_step = (g * local).sum() / (x.numel() * 7) ** 0.5
+    torch.testing.assert_close(quantizer.step.grad, expected_step, rtol=1e-4, atol=1e-7)
+    # Identity STE on the embedding: the latent table's gradient is the looked-up rows' gradient, summed per id.
+    g = captured["embedding.grad"]
+    expected_table = torch.zeros_like(embedding.weight).index_add_(0, inputs["input_ids"].reshape(-1),
+                                                                   g.reshape(-1, g.shape[-1]))
+    torch.testing.assert_close(embedding.weight.grad, expected_table, rtol=1e-5, atol=1e-7)
 
 
 def test_dequantize_restores_the_original_model():
@@ -128,9 +154,21 @@ def test_vit_swap_trains():
     triton_bq.quantize_(model, triton_bq.QuantConfig(weight_method="bwn", act_bits=8, backend="reference"))
     assert type(model.classifier) is nn.Linear
     assert isinstance(model.vit.layers[0].attention.q_proj, triton_bq.BinaryLinear)
+    fc1, captured = model.vit.layers[0].mlp.fc1, {}
+
+    def hook(module, args, output):
+        captured["x"] = args[0].detach()
+        output.register_hook(lambda grad: captured.__setitem__("grad", grad))
+
+    handle = fc1.register_forward_hook(hook)
     out = model(pixel_values=torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 2]))
     out.loss.backward()
-    assert model.vit.layers[0].mlp.fc1.weight.grad is not None
+    handle.remove()
+    # Identity STE: dL/dW = g^T @ Q(x) over all tokens, with the layer's own 8-bit input quantizer.
+    with torch.no_grad():
+        quantized_x = fc1.act_quantizer(captured["x"]).reshape(-1, fc1.in_features)
+    expected = captured["grad"].reshape(-1, fc1.out_features).T @ quantized_x
+    torch.testing.assert_close(fc1.weight.grad, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_gpt_neo_swap_with_quantized_embedding():
@@ -146,7 +184,24 @@ def test_gpt_neo_swap_with_quantized_embedding():
     ids = torch.randint(0, 50, (2, 8))
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
-    assert torch.isfinite(out.loss)
+    # The loss is that of the full-precision model whose weights are the ternary ones: T(w) in the 6 Linears of
+    # each block and in the (row-wise) word embedding.
+    # The head stays full precision on the latent table it shares with the embedding: untie them in the copy.
+    untied = transformers.GPTNeoConfig(**{**config.to_dict(), "tie_word_embeddings": False})
+    plain = transformers.GPTNeoForCausalLM(untied)
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (triton_bq.TernaryLinear, triton_bq.QuantEmbedding)):
+            granularity = "row" if isinstance(module, triton_bq.QuantEmbedding) else module.granularity
+            alpha, delta = ref.weight_scale_threshold(module.weight, "twn", granularity)
+            state[f"{name}.weight"] = alpha * ref.twn_codes(module.weight, delta).float()
+    full = {key: value for key, value in model.state_dict().items()}
+    full.update(state)
+    full["lm_head.weight"] = model.lm_head.weight.detach().clone()
+    plain.load_state_dict(full, strict=True)
+    with torch.no_grad():
+        expected = plain(input_ids=ids, labels=ids).loss
+    assert len(state) == 2 * 6 + 1 and float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_quantize_rejects_bad_config():

@@ -107,7 +107,16 @@ def test_distill_loss_weights_and_parts():
     assert parts["logits"].item() == pytest.approx(logits.item())
     assert loss.item() == pytest.approx(2.0 * hidden.item() + 0.5 * attention.item() + 3.0 * logits.item(), rel=1e-6)
     loss.backward()
-    assert all(tensor.grad is not None for tensor in (*hidden_s, *scores_s, student["logits"]))
+    # d(w_h * sum_l mean((s_l - t_l)^2)) / ds_l = w_h * 2 (s_l - t_l) / numel, written out per term.
+    for student_hidden, teacher_hidden in zip(hidden_s, hidden_t, strict=True):
+        expected = 2.0 * 2 * (student_hidden - teacher_hidden).detach() / student_hidden.numel()
+        torch.testing.assert_close(student_hidden.grad, expected, rtol=1e-5, atol=1e-7)
+    keys = MASK.bool()[:, None, None, :].float()
+    expected_scores = 0.5 * 2 * (scores_s[0] - scores_t[0]).detach() * keys / scores_s[0].numel()
+    torch.testing.assert_close(scores_s[0].grad, expected_scores, rtol=1e-5, atol=1e-7)
+    # Soft cross-entropy at temperature T: d/ds = (softmax(s / T) - softmax(t / T)) / (T * batch).
+    soft = (torch.softmax(student["logits"].detach() / 2.0, -1) - torch.softmax(teacher["logits"] / 2.0, -1))
+    torch.testing.assert_close(student["logits"].grad, 3.0 * soft / (2.0 * 2), rtol=1e-5, atol=1e-7)
     stage2, parts2 = DistillationLoss(0.0, 0.0, 1.0)(dict(logits=student["logits"]), dict(logits=teacher["logits"]))
     assert set(parts2) == {"logits"} and stage2.item() == pytest.approx(soft_cross_entropy(
         student["logits"], teacher["logits"]).item())

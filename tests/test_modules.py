@@ -47,8 +47,16 @@ def test_act_quantized_layer_matches_reference_and_trains_the_clip():
     out = layer(x)
     assert torch.equal(out, expected)
     out.square().sum().backward()
-    assert clip.grad is not None and clip.grad.abs().sum() > 0
-    assert linear.weight.grad is not None
+    # PACT: dL/dclip = (sum of dL/dx_hat over x <= lo, over x >= hi); identity STE: dL/dW = g^T @ Q(x).
+    grad_out = 2 * out.detach()
+    grad_x_hat = grad_out @ layer.quantized_weight()
+    lo, hi = clip.detach().tolist()
+    assert bool((x <= lo).any()) and bool((x >= hi).any())
+    expected_clip = torch.stack([grad_x_hat[x <= lo].sum(), grad_x_hat[x >= hi].sum()])
+    torch.testing.assert_close(clip.grad, expected_clip, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        quantized_x = layer.act_quantizer(x)
+    torch.testing.assert_close(linear.weight.grad, grad_out.T @ quantized_x, rtol=1e-5, atol=1e-5)
 
 
 def test_lsq_step_initialises_once_from_first_batch_and_survives_state_dict():

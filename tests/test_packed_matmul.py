@@ -263,8 +263,9 @@ def test_default_config_heuristics():
     assert big["kernel"] == "gemv" and big["SPLIT_K"] == 1
     down = pm.default_config(1, 4096, 14336, 1, num_sms=132)
     assert down["SPLIT_K"] > 1 and math.ceil(4096 / down["BLOCK_N"]) * down["SPLIT_K"] >= 132
-    gemv_m1 = pm.GEMV_CONFIGS[1].kwargs
-    assert (down["BLOCK_N"], down["BLOCK_KW"]) == (gemv_m1["BLOCK_N"], gemv_m1["BLOCK_KW"])
+    # Both layers offer more tiles x steps than SMs: neither tile is shrunk, so they are the same base tile.
+    assert math.ceil(4096 / down["BLOCK_N"]) * math.ceil(14336 / 32 / down["BLOCK_KW"]) >= 132
+    assert (down["BLOCK_N"], down["BLOCK_KW"]) == (big["BLOCK_N"], big["BLOCK_KW"])
     small = pm.default_config(1, 768, 768, 1, num_sms=132)
     small_steps = math.ceil(768 / 32 / small["BLOCK_KW"])
     assert math.ceil(768 / small["BLOCK_N"]) * min(small["SPLIT_K"], small_steps) >= 132
@@ -272,10 +273,11 @@ def test_default_config_heuristics():
     assert skinny["kernel"] == "gemm" and skinny["BLOCK_M"] == 16 and skinny["BLOCK_K"] % 16 == 0
     large = pm.default_config(4096, 4096, 4096, 1, num_sms=132)
     assert large["BLOCK_M"] == 128 and large["SPLIT_K"] == 1
-    assert pm.default_config(1, 4096, 14336, 1, parts=2, num_sms=132)["BLOCK_N"] == gemv_m1["BLOCK_N"] // 2
-    with pytest.raises(ValueError, match="M <= 16"):
+    # Two parts (a split pair) stream twice the words per output: the tile halves its rows.
+    assert pm.default_config(1, 4096, 14336, 1, parts=2, num_sms=132)["BLOCK_N"] == down["BLOCK_N"] // 2
+    with pytest.raises(ValueError, match="the gemv kernel takes M <= 16, got M=17"):
         pm.default_config(17, 33, 100, 1, kernel="gemv")
-    with pytest.raises(ValueError, match="kernel must be"):
+    with pytest.raises(ValueError, match="kernel must be 'auto', 'gemv' or 'gemm', got 'dense'"):
         pm.default_config(1, 33, 100, 1, kernel="dense")
 
 
