@@ -186,22 +186,22 @@ def test_gpt_neo_swap_with_quantized_embedding():
     out.loss.backward()
     # The loss is that of the full-precision model whose weights are the ternary ones: T(w) in the 6 Linears of
     # each block and in the (row-wise) word embedding.
-    # The head stays full precision on the latent table it shares with the embedding: untie them in the copy.
-    untied = transformers.GPTNeoConfig(**{**config.to_dict(), "tie_word_embeddings": False})
-    plain = transformers.GPTNeoForCausalLM(untied)
+    # The head tied to the word embedding is quantized once with it: it reads the same row-wise T(w) table.
+    plain = transformers.GPTNeoForCausalLM(config)
     state = {}
     for name, module in model.named_modules():
         if isinstance(module, (triton_bq.TernaryLinear, triton_bq.QuantEmbedding)):
             granularity = "row" if isinstance(module, triton_bq.QuantEmbedding) else module.granularity
             alpha, delta = ref.weight_scale_threshold(module.weight, "twn", granularity)
             state[f"{name}.weight"] = alpha * ref.twn_codes(module.weight, delta).float()
+    assert len(state) == 2 * 6 + 2 and model.lm_head.weight is model.transformer.wte.weight
+    torch.testing.assert_close(state["lm_head.weight"], state["transformer.wte.weight"], rtol=0, atol=0)
     full = {key: value for key, value in model.state_dict().items()}
     full.update(state)
-    full["lm_head.weight"] = model.lm_head.weight.detach().clone()
     plain.load_state_dict(full, strict=True)
     with torch.no_grad():
         expected = plain(input_ids=ids, labels=ids).loss
-    assert len(state) == 2 * 6 + 1 and float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_quantize_rejects_bad_config():
