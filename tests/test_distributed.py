@@ -1,6 +1,7 @@
 """Data-parallel exactness on 2 gloo processes (CPU): DDP and FSDP2 ``fully_shard`` against one process on the same
 global batch, for weight-only, A8 (sym and asym, per tensor with synchronized scales, and per token) and A4 LSQ,
-on both backends (the fused kernels run in the Triton interpreter here).
+on both backends (the fused kernels run in the Triton interpreter here, so they run the synchronized cases
+under DDP only: FSDP2 hands the op the same all-gathered tensors).
 
 Tolerance: outputs and every gradient (weights, biases, clip pairs, LSQ steps) within ``RELATIVE`` of the largest
 single-process value (float32; the ranks only sum in another order). Unsynchronized per-tensor scales miss it by
@@ -23,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import triton_bq
 
-RELATIVE = 1e-5
+RELATIVE = 2e-5  # measured: <= 4e-7 (outputs, weight grads), 7e-6 (the cancelling LSQ step-gradient sum)
 WORLD = 2
 
 CASES = {
@@ -33,6 +34,8 @@ CASES = {
     "a8-sym-per-token": dict(weight_method="twn", act_bits=8, act_granularity="per_token"),
     "a4-lsq": dict(weight_method="twn", act_bits=4),
 }
+WRAPPERS = {"reference": ("ddp", "fsdp2", "ddp-unsynced"), "triton": ("ddp", "ddp-unsynced")}
+TRITON_CASES = ("a8-sym", "a8-asym", "a4-lsq")
 
 
 def _model(options, backend, sync):
@@ -91,10 +94,12 @@ def _worker(rank, port, path):
     try:
         for backend in ("reference", "triton"):
             for case, options in CASES.items():
+                if backend == "triton" and case not in TRITON_CASES:
+                    continue
                 single = _model(options, backend, sync=False)  # no collectives: one process on the global batch
                 _init_lsq(single, x)
                 expected = _step(single, x, target)
-                for wrapper in ("ddp", "fsdp2", "ddp-unsynced"):
+                for wrapper in WRAPPERS[backend]:
                     model = _model(options, backend, sync=wrapper != "ddp-unsynced")
                     _init_lsq(model, x[local])  # LSQ init averages the ranks' steps (before sharding)
                     if wrapper == "fsdp2":
@@ -128,9 +133,14 @@ def distributed_errors(tmp_path_factory):
     return json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def _matched_cases():
+    for backend, wrappers in WRAPPERS.items():
+        for case in CASES if backend == "reference" else TRITON_CASES:
+            for wrapper in wrappers[:-1]:
+                yield pytest.param(backend, case, wrapper, id=f"{backend}-{case}-{wrapper}")
+
+
+@pytest.mark.parametrize("backend, case, wrapper", list(_matched_cases()))
 def test_data_parallel_matches_one_process(distributed_errors, backend, case, wrapper):
     error = distributed_errors[f"{backend}/{case}/{wrapper}"]
     assert error <= RELATIVE, f"{backend} {case} {wrapper}: relative error {error:.2e} > {RELATIVE}"
