@@ -160,3 +160,20 @@ def test_lsq_step_and_clip_are_one_dimensional_and_old_scalar_steps_load():
     old = {"step": torch.tensor(0.125), "initialized": torch.tensor(True)}
     quantizer.load_state_dict(old)
     assert quantizer.step.shape == (1,) and quantizer.step.item() == 0.125 and bool(quantizer.initialized)
+
+
+def test_sync_only_while_training_and_option_checks():
+    layer = triton_bq.QuantLinear(4, 4, act_bits=8)
+    base = triton_bq.QuantOptions()
+    assert layer.act_quantizer.op_options(base).act_sync
+    layer.eval()  # ranks may evaluate alone: no collective then
+    assert not layer.act_quantizer.op_options(base).act_sync
+    assert not triton_bq.QuantLinear(4, 4, act_bits=8, act_sync=False).act_quantizer.op_options(base).act_sync
+    with pytest.raises(ValueError, match="act_granularity must be one of .* got 'per_row'"):
+        triton_bq.QuantOptions(act_granularity="per_row")
+    with pytest.raises(ValueError, match="act_granularity must be one of .* got 'row'"):
+        triton_bq.QuantConfig(act_granularity="row")
+    with pytest.raises(ValueError, match="granularity must be one of .* got 'token'"):
+        triton_bq.ActQuantizer(8, granularity="token")
+    with pytest.raises(TypeError, match="act_sync must be a bool"):
+        triton_bq.QuantOptions(act_sync=1)
