@@ -33,6 +33,8 @@ class ActQuantizer(nn.Module):
     all-reduced over the default process group (every data-parallel rank quantizes with the global batch's scale,
     as one process would) and the LSQ step gradient counts the global batch's elements. Evaluation never
     synchronizes: ranks may evaluate alone (rank-0-only evaluation would otherwise hang).
+    Under FSDP2 ``fully_shard``, initialize the LSQ steps before sharding (one forward on a batch): inside a sharded
+    forward the step is an all-gathered copy, and the initial value written to it would not reach the shard.
     Call it on a tensor to fake-quantize it, or give ``op_options`` / ``op_tensors`` to ``quant_linear`` to fuse it.
     """
 
