@@ -47,20 +47,19 @@ def _run(op, x, weight, bias, clip, options, grad_y, step=None):
 
 
 def _per_token_cases():
+    """Every weight method x sym / asym x dtype on the fused path; the "codes" activation path in bf16."""
     for (method, granularity), act_method, dtype_id in itertools.product(
         [("bwn", "tensor"), ("twn", "row"), (None, "tensor")], ["sym", "asym"], ["fp32", "bf16"]
     ):
-        name = f"{method}-{granularity}-{act_method}-{dtype_id}"
-        yield pytest.param(method, granularity, act_method, dtype_id, id=name)
+        for act_path in kernels_linear.ACT_PATHS if dtype_id == "bf16" else ("fused",):
+            name = f"{method}-{granularity}-{act_method}-{dtype_id}-{act_path}"
+            yield pytest.param(method, granularity, act_method, dtype_id, act_path, id=name)
 
 
-@pytest.mark.parametrize("act_path", kernels_linear.ACT_PATHS)
-@pytest.mark.parametrize("method, granularity, act_method, dtype_id", list(_per_token_cases()))
+@pytest.mark.parametrize("method, granularity, act_method, dtype_id, act_path", list(_per_token_cases()))
 def test_per_token_forward_and_grads_match_reference(device, monkeypatch, method, granularity, act_method, dtype_id,
                                                      act_path):
     """y, grad_x, grad_w, grad_bias and the PACT clip gradient of per-token sym / asym against float64."""
-    if act_path == "codes" and dtype_id == "fp32":
-        pytest.skip("the codes path is covered in bf16")
     monkeypatch.setattr(kernels_linear, "_ACT_PATH", act_path)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_id]
     shape = SHAPES["b2-t5-k96-n40"] if method is None else SHAPES["m127-k96-n33"]
