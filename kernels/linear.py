@@ -13,7 +13,6 @@ The arithmetic contract is ``docs/design.md``; tiling, byte and FLOP counts are 
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import NamedTuple
 
 import torch
@@ -25,6 +24,7 @@ from triton_bq.options import QuantOptions
 
 from . import _common, configs, scales
 from ._common import check_kernel_tensor, dot, grouped_tile, launch, new_output, round_half_even, to_dtype
+from .scales import ROW_PARAMS_OFFSET, clamp_nan
 
 __all__ = ["ACT_PATHS", "act_path", "fused_quant_linear", "set_act_path"]
 
@@ -80,14 +80,15 @@ def _weight_codes(w, delta, W_MODE: tl.constexpr):
 @triton.jit
 def _act_codes(x, lo, hi, zero, safe, QMIN: tl.constexpr, QMAX: tl.constexpr, ACT: tl.constexpr):
     """q = clamp(round_half_even((clamp(x, lo, hi) - zero) / safe), qmin, qmax) as integer-valued float32."""
+    # NaN propagates through both clamps (as in torch), so a NaN input gives a NaN code and output.
     v = x.to(tl.float32)
     if ACT != 3:
-        v = tl.minimum(tl.maximum(v, lo), hi)
+        v = clamp_nan(v, lo, hi)
     if ACT == 2:
         v = v - zero
     v = tl.math.div_rn(v, safe)
     # Clamping to the integer bounds before rounding gives the same code and keeps |v| < 2**22 for the rounding.
-    v = tl.minimum(tl.maximum(v, QMIN * 1.0), QMAX * 1.0)
+    v = clamp_nan(v, QMIN * 1.0, QMAX * 1.0)
     return round_half_even(v)
 
 
@@ -105,9 +106,18 @@ def _load_act_params(act_ptr, ACT: tl.constexpr):
 
 
 @triton.jit
+def _load_row_params(act_ptr, rows, mask, OFFSET: tl.constexpr):
+    """Per-token (zero, step, safe) of the given rows (masked rows read zero, step 0, safe 1)."""
+    zero = tl.load(act_ptr + OFFSET + 2 * rows, mask=mask, other=0.0)
+    step = tl.load(act_ptr + OFFSET + 2 * rows + 1, mask=mask, other=0.0)
+    return zero, step, tl.where(step > 0, step, 1.0)
+
+
+@triton.jit
 def _act_codes_kernel(
     x_ptr, act_ptr, q_ptr, M, K, stride_xm, stride_xk, stride_qm, stride_qk,
-    ACT: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACT: tl.constexpr, ACT_PER_ROW: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """q = clamp(round_half_even((clamp(x, lo, hi) - zero) / safe), qmin, qmax), stored exactly in q's dtype."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -115,6 +125,9 @@ def _act_codes_kernel(
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)  # [BM, BK]
     lo, hi, zero, step, safe = _load_act_params(act_ptr, ACT)
+    if ACT_PER_ROW:
+        row_zero, _, row_safe = _load_row_params(act_ptr, offs_m, offs_m < M, ROW_PARAMS_OFFSET)
+        zero, safe = row_zero[:, None], row_safe[:, None]
     q = _act_codes(x, lo, hi, zero, safe, QMIN, QMAX, ACT)
     tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :] * stride_qk, q.to(q_ptr.dtype.element_ty), mask=mask)
 
@@ -125,12 +138,13 @@ def _quant_linear_fwd_kernel(
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     W_MODE: tl.constexpr, ALPHA_PER_ROW: tl.constexpr, DELTA_PER_ROW: tl.constexpr,
-    ACT: tl.constexpr, X_CODES: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    ACT: tl.constexpr, ACT_PER_ROW: tl.constexpr, X_CODES: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """y^T = alpha * (step * (c @ q^T) + zero * sum_k c) + bias, i.e. y = x_hat @ (alpha * c)^T + bias with
-    x_hat = q * step + zero. X_CODES: x_ptr already holds q (integer codes in y's dtype)."""
+    x_hat = q * step + zero. ACT_PER_ROW: step and zero are per token (a column of the y^T tile), applied in the
+    same epilogue. X_CODES: x_ptr already holds q (integer codes in y's dtype)."""
     dot_dtype = y_ptr.dtype.element_ty
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -148,6 +162,9 @@ def _quant_linear_fwd_kernel(
         else:
             delta = tl.load(delta_ptr)
     lo, hi, zero, step, safe = _load_act_params(act_ptr, ACT)
+    if ACT_PER_ROW:
+        row_zero, row_step, row_safe = _load_row_params(act_ptr, rows, rows < M, ROW_PARAMS_OFFSET)
+        zero, step, safe = row_zero[None, :], row_step[None, :], row_safe[None, :]  # [1, BM]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     code_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -278,12 +295,14 @@ def _quant_linear_bwd_w_kernel(
     gy_ptr, x_ptr, w_ptr, gw_ptr, act_ptr, gsum_ptr,
     M, N, K,
     stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk, stride_gwn, stride_gwk,
-    ACT: tl.constexpr, X_CODES: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    ACT: tl.constexpr, ACT_PER_ROW: tl.constexpr, X_CODES: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
     CLIPPED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """grad_w^T = (step * q^T @ grad_y + zero * sum_m grad_y) * 1[|w| <= 1 if CLIPPED]: x_hat^T @ grad_y through
-    the weight STE, reduced over the M tokens. X_CODES: x_ptr already holds q (integer codes in grad_y's dtype)."""
+    the weight STE, reduced over the M tokens. ACT_PER_ROW: step and zero vary along this reduction, so they scale
+    the codes in registers (x_hat rounded to the dot dtype like the reference's). X_CODES: x_ptr already holds q
+    (integer codes in grad_y's dtype)."""
     dot_dtype = gy_ptr.dtype.element_ty
     pid_n, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -299,14 +318,21 @@ def _quant_linear_bwd_w_kernel(
         mask_m = offs_m < M - m0
         xt = tl.load(xt_ptrs, mask=mask_m[None, :], other=0.0)  # [BK, BM]
         gy = tl.load(gy_ptrs, mask=mask_m[:, None], other=0.0)  # [BM, BN]
-        if ACT == 0 or X_CODES:
+        if ACT_PER_ROW:
+            row_zero, row_step, row_safe = _load_row_params(act_ptr, m0 + offs_m, mask_m, ROW_PARAMS_OFFSET)
+            if X_CODES:
+                q = xt.to(tl.float32)
+            else:
+                q = _act_codes(xt, lo, hi, row_zero[None, :], row_safe[None, :], QMIN, QMAX, ACT)
+            a = to_dtype(q * row_step[None, :] + row_zero[None, :], dot_dtype)
+        elif ACT == 0 or X_CODES:
             a = to_dtype(xt, dot_dtype)
         else:
             a = _act_codes(xt, lo, hi, zero, safe, QMIN, QMAX, ACT).to(dot_dtype)
         acc = dot(a, gy.to(dot_dtype), acc, PRECISION)
         xt_ptrs += BLOCK_M * stride_xm
         gy_ptrs += BLOCK_M * stride_gm
-    if ACT != 0:
+    if ACT != 0 and not ACT_PER_ROW:
         acc = acc * step
         if ACT == 2:
             acc += zero * tl.load(gsum_ptr + rows)[None, :]
@@ -326,6 +352,7 @@ class _Spec(NamedTuple):
     delta_per_row: bool
     clipped: bool
     act: int
+    act_per_row: bool
     qmin: int
     qmax: int
     codes: bool
@@ -379,7 +406,7 @@ def _act_code_buffer(x, params, spec: _Spec) -> torch.Tensor:
     launch(
         _act_codes_kernel, (triton.cdiv(m, block_m), triton.cdiv(k, block_k)), options,
         (x, params, codes, m, k, x.stride(0), x.stride(1), codes.stride(0), codes.stride(1)),
-        dict(ACT=spec.act, QMIN=spec.qmin, QMAX=spec.qmax),
+        dict(ACT=spec.act, ACT_PER_ROW=spec.act_per_row, QMIN=spec.qmin, QMAX=spec.qmax),
     )
     return codes
 
@@ -404,7 +431,8 @@ def _forward(x, weight, bias, alpha, delta, params, spec: _Spec) -> torch.Tensor
     )
     constexprs = dict(
         W_MODE=spec.weight_mode, ALPHA_PER_ROW=spec.alpha_per_row, DELTA_PER_ROW=spec.delta_per_row,
-        ACT=spec.act, X_CODES=x_codes, QMIN=spec.qmin, QMAX=spec.qmax, HAS_BIAS=bias is not None,
+        ACT=spec.act, ACT_PER_ROW=spec.act_per_row, X_CODES=x_codes, QMIN=spec.qmin, QMAX=spec.qmax,
+        HAS_BIAS=bias is not None,
         PRECISION=spec.precision,
     )
     launch(_quant_linear_fwd_kernel, grid, _configs("fwd", spec, operand, weight), args, constexprs, _AUTOTUNE_KEY)
@@ -453,7 +481,8 @@ def _backward_w(grad_y, x, weight, params, grad_sum, spec: _Spec) -> torch.Tenso
         weight.stride(0), weight.stride(1), grad_w.stride(0), grad_w.stride(1),
     )
     constexprs = dict(
-        ACT=spec.act, X_CODES=x_codes, QMIN=spec.qmin, QMAX=spec.qmax, CLIPPED=spec.clipped,
+        ACT=spec.act, ACT_PER_ROW=spec.act_per_row, X_CODES=x_codes, QMIN=spec.qmin, QMAX=spec.qmax,
+        CLIPPED=spec.clipped,
         PRECISION=spec.precision,
     )
     launch(_quant_linear_bwd_w_kernel, grid, _configs("bwd_w", spec, operand, weight), args, constexprs, _AUTOTUNE_KEY)
@@ -476,17 +505,20 @@ class _FusedQuantLinear(torch.autograd.Function):
         alpha, delta = _weight_scales(weight, weight_method, options.granularity, weight_scale, weight_threshold)
         act = scales.ACT_CODES[act_method]
         params, (qmin, qmax) = None, (0, 0)
+        # The LSQ step is learned (one value whatever the granularity); only sym / asym scales are per token.
+        act_per_row = act in (_SYM, _ASYM) and options.act_granularity == "per_token"
         if act != _NONE:
             qmin, qmax = reference.act_qrange(act_method, options.act_bits, options.act_signed)
             if x2.shape[0] > 0:
                 params, _, _ = scales.act_params(x2, act_method, options.act_bits, act_clip, act_step,
-                                                 options.act_signed)
+                                                 options.act_signed, options.act_granularity, options.act_sync)
         spec = _Spec(
             weight_mode=_WEIGHT_CODES[weight_method],
             alpha_per_row=alpha is not None and alpha.numel() > 1,
             delta_per_row=delta is not None and delta.numel() > 1,
             clipped=weight_method is not None and options.ste == "clipped",
-            act=act, qmin=qmin, qmax=qmax, codes=act_path == "codes", dtype=dtype, precision=precision,
+            act=act, act_per_row=act_per_row, qmin=qmin, qmax=qmax, codes=act_path == "codes", dtype=dtype,
+            precision=precision,
         )
         if x2.shape[0] == 0:
             y = torch.zeros((0, n), dtype=dtype, device=x.device)
@@ -494,6 +526,7 @@ class _FusedQuantLinear(torch.autograd.Function):
             y = _forward(x2, weight, bias, alpha, delta, params, spec)
         ctx.save_for_backward(x2, weight, alpha, delta, params)
         ctx.spec = spec
+        ctx.sync = options.act_sync
         ctx.x_shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         param = act_step if act == _LSQ else act_clip
@@ -521,7 +554,7 @@ class _FusedQuantLinear(torch.autograd.Function):
             if partial is not None:
                 partial_sum = partial.sum(dim=(0, 1))
         grad_sum = None
-        if needs[2] or (m > 0 and needs[1] and spec.act == _ASYM):
+        if needs[2] or (m > 0 and needs[1] and spec.act == _ASYM and not spec.act_per_row):
             grad_sum = grad_y.sum(dim=0, dtype=torch.float32)
         if m > 0 and needs[1]:
             grad_w = _backward_w(grad_y, x2, weight, params, grad_sum, spec)
@@ -530,7 +563,7 @@ class _FusedQuantLinear(torch.autograd.Function):
         if need_act:
             dtype, shape = ctx.act_param_meta
             if spec.act == _LSQ:
-                scale = 1.0 / math.sqrt(m * k * spec.qmax) if m > 0 else 0.0
+                scale = reference.lsq_grad_scale(m * k, spec.qmax, ctx.sync)
                 grad_step = (partial_sum[0] * scale).to(dtype).reshape(shape)
             else:
                 grad_clip = partial_sum.to(dtype).reshape(shape)

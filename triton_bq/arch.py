@@ -23,11 +23,13 @@ from torch import nn
 __all__ = [
     "BERT_ASYM_ACT_SUFFIXES",
     "BERT_SPLIT_GROUPS",
+    "CAUSAL_LM_MODEL_TYPES",
     "FAMILIES",
     "HEAD_NAMES",
     "Family",
     "family_of",
     "is_asym_site",
+    "is_causal_lm",
     "matches",
 ]
 
@@ -181,3 +183,21 @@ def is_asym_site(name: str, suffix: str) -> bool:
     """Whether the Linear called ``name`` is the site ``suffix`` outside attention (``output.dense`` is BERT's FFN
     output, ``attention.output.dense`` is not)."""
     return (name == suffix or name.endswith("." + suffix)) and ".attention." not in f".{name}"
+
+
+# Decoder-only families (Hugging Face ``config.model_type``): their activations take per-token scales by default.
+CAUSAL_LM_MODEL_TYPES = (
+    "llama", "gpt2", "gpt_neo", "gpt_neox", "gptj", "opt", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
+    "gemma2", "phi", "phi3", "falcon", "bloom", "olmo", "starcoder2", "codegen",
+)
+
+
+def is_causal_lm(model) -> bool:
+    """Whether ``model`` predicts each token from the previous ones only (a decoder-only or ``is_decoder`` model, or a
+    ``...ForCausalLM`` class), so that no activation statistic may mix tokens."""
+    if any(cls.__name__.endswith("ForCausalLM") for cls in type(model).__mro__):
+        return True
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    return bool(getattr(config, "is_decoder", False)) or getattr(config, "model_type", None) in CAUSAL_LM_MODEL_TYPES

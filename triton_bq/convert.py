@@ -9,7 +9,15 @@ from collections.abc import Callable
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from triton_bq.arch import BERT_ASYM_ACT_SUFFIXES, HEAD_NAMES, Family, family_of, is_asym_site, matches
+from triton_bq.arch import (
+    BERT_ASYM_ACT_SUFFIXES,
+    HEAD_NAMES,
+    Family,
+    family_of,
+    is_asym_site,
+    is_causal_lm,
+    matches,
+)
 from triton_bq.nn.activation import default_act_method
 from triton_bq.nn.attention import (
     QuantSelfAttentionMixin,
@@ -20,7 +28,7 @@ from triton_bq.nn.attention import (
 from triton_bq.nn.embedding import QuantEmbedding, dequantize_embedding, quantize_embedding
 from triton_bq.nn.linear import BinaryLinear, QuantConv1D, QuantLinear, TernaryLinear
 from triton_bq.nn.split import SplitBinaryEmbedding, SplitBinaryLinear
-from triton_bq.options import GRANULARITIES, STES, WEIGHT_METHODS, check_choice
+from triton_bq.options import ACT_GRANULARITIES, GRANULARITIES, STES, WEIGHT_METHODS, check_choice
 
 __all__ = ["QuantConfig", "default_filter", "dequantize_", "quantize_"]
 
@@ -44,6 +52,11 @@ class QuantConfig:
             them. Those inputs get asymmetric min-max quantization at 8 bits.
         clip_init: initial activation clip ``+-clip_init``.
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
+        act_granularity: measured (sym / asym) activation scales ``"per_tensor"`` or ``"per_token"``; ``None`` (the
+            default) picks per the model: ``"per_token"`` for causal LMs (``triton_bq.arch.is_causal_lm``, as BitNet
+            and torchao do: a per-tensor scale mixes tokens, so the model is no longer causal), else ``"per_tensor"``
+            (the papers'). Asking for ``"per_tensor"`` on a causal LM warns.
+        act_sync: synchronize per-tensor scales across data-parallel ranks while training (``ActQuantizer``).
     """
 
     weight_method: str | None = "bwn"
@@ -56,12 +69,15 @@ class QuantConfig:
     asym_act_names: tuple[str, ...] | None = None
     clip_init: float = 2.5
     backend: str = "auto"
+    act_granularity: str | None = None
+    act_sync: bool = True
 
     def __post_init__(self):
         check_choice("weight_method", self.weight_method, WEIGHT_METHODS, allow_none=True)
         check_choice("embedding_method", self.embedding_method, ("same", *WEIGHT_METHODS), allow_none=True)
         check_choice("granularity", self.granularity, GRANULARITIES)
         check_choice("ste", self.ste, STES)
+        check_choice("act_granularity", self.act_granularity, ACT_GRANULARITIES, allow_none=True)
         if self.act_bits is not None and (
             not isinstance(self.act_bits, int) or isinstance(self.act_bits, bool) or not 2 <= self.act_bits <= 8
         ):
@@ -94,6 +110,8 @@ class QuantConfig:
             act_bits=self.act_bits,
             act_method=act_method,
             clip_init=self.clip_init,
+            act_granularity=self.act_granularity or "per_tensor",
+            act_sync=self.act_sync,
             backend=self.backend,
         )
 
@@ -203,6 +221,20 @@ def _full_precision_report(model: nn.Module) -> str:
     return ", ".join(kept) if kept else "nothing"
 
 
+def _act_granularity(config: QuantConfig, model: nn.Module) -> str:
+    causal = is_causal_lm(model)
+    if config.act_granularity is None:
+        return "per_token" if causal else "per_tensor"
+    if causal and config.act_granularity == "per_tensor" and config.act_bits is not None:
+        warnings.warn(
+            "act_granularity='per_tensor' on a causal LM: one scale over all tokens makes each token's output depend "
+            "on later tokens and on the other samples (and generate() differ with and without the KV cache); "
+            "act_granularity='per_token' keeps the model causal",
+            stacklevel=3,
+        )
+    return config.act_granularity
+
+
 def quantize_(
     model: nn.Module,
     config: QuantConfig | None = None,
@@ -236,6 +268,7 @@ def quantize_(
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    config = dataclasses.replace(config, act_granularity=_act_granularity(config, model))
     family = family_of(model)
     mismatch = _requantize_mismatch(model, config, family)
     if mismatch is not None:
@@ -261,7 +294,7 @@ def quantize_(
     if config.quantize_attention and config.act_bits is not None and family is not None:
         for module in model.modules():
             if type(module).__name__ in family.attention and not isinstance(module, QuantSelfAttentionMixin):
-                quantize_attention(module, config.act_bits, config.clip_init)
+                quantize_attention(module, config.act_bits, config.clip_init, config.act_granularity, config.act_sync)
                 swapped += 1
     if not swapped:
         looked_for = (f"the {family.name} family's layers of triton_bq.arch" if family is not None and not custom_filter

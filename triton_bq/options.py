@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["ACT_METHODS", "GRANULARITIES", "STES", "WEIGHT_METHODS", "QuantOptions", "check_act_bits", "check_choice"]
+__all__ = [
+    "ACT_GRANULARITIES",
+    "ACT_METHODS",
+    "GRANULARITIES",
+    "STES",
+    "WEIGHT_METHODS",
+    "QuantOptions",
+    "check_act_bits",
+    "check_choice",
+]
 
 WEIGHT_METHODS = ("bwn", "twn", "lat")
 ACT_METHODS = ("sym", "asym", "lsq")
 GRANULARITIES = ("tensor", "row")
 STES = ("identity", "clipped")
+ACT_GRANULARITIES = ("per_tensor", "per_token")
 
 
 def check_choice(name: str, value, choices, allow_none: bool = False) -> None:
@@ -47,6 +57,12 @@ class QuantOptions:
             gradient) or ``"lsq"`` (learned step size).
         act_bits: input bits, 2..8 (read only when ``act_method`` is set).
         act_signed: LSQ only: ``False`` for non-negative inputs (codes ``0..2^bits - 1``).
+        act_granularity: the dynamic scale of ``"sym"`` / ``"asym"``: one per ``"per_tensor"`` (the papers') or
+            one per ``"per_token"`` (per row of ``x``: no token's codes depend on another token, as a causal LM
+            needs). The LSQ step is learned, not measured, so LSQ reads the same step either way.
+        act_sync: the op runs data-parallel: under an initialized ``torch.distributed`` the per-tensor min / max
+            are all-reduced over the default process group before quantizing (every rank then uses the scale of
+            the global batch) and the LSQ step gradient takes ``numel * world_size`` as its element count.
     """
 
     weight_method: str | None = "bwn"
@@ -55,6 +71,8 @@ class QuantOptions:
     act_method: str | None = None
     act_bits: int = 8
     act_signed: bool = True
+    act_granularity: str = "per_tensor"
+    act_sync: bool = False
 
     def __post_init__(self):
         check_choice("weight_method", self.weight_method, WEIGHT_METHODS, allow_none=True)
@@ -64,6 +82,9 @@ class QuantOptions:
         check_act_bits(self.act_bits)
         if not isinstance(self.act_signed, bool):
             raise TypeError(f"act_signed must be a bool, got {type(self.act_signed).__name__}")
+        check_choice("act_granularity", self.act_granularity, ACT_GRANULARITIES)
+        if not isinstance(self.act_sync, bool):
+            raise TypeError(f"act_sync must be a bool, got {type(self.act_sync).__name__}")
 
     @property
     def is_identity(self) -> bool:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from triton_bq.options import (
+    ACT_GRANULARITIES,
     ACT_METHODS,
     GRANULARITIES,
     STES,
@@ -26,6 +27,7 @@ from triton_bq.options import (
 __all__ = [
     "WEIGHT_METHODS",
     "ACT_METHODS",
+    "ACT_GRANULARITIES",
     "GRANULARITIES",
     "STES",
     "mean_abs",
@@ -43,6 +45,9 @@ __all__ = [
     "fake_quant_affine",
     "quantize_act",
     "lsq_init_step",
+    "lsq_grad_scale",
+    "sync_world_size",
+    "all_reduce_min_max",
     "quant_linear",
 ]
 
@@ -90,13 +95,19 @@ def twn_codes(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
 
 def twn_scale(weight: torch.Tensor, threshold: torch.Tensor, granularity: str = "tensor") -> torch.Tensor:
-    """TWN scale: mean of ``|w|`` over ``|w| > delta`` (float32); 0 where no element passes."""
+    """TWN scale: mean of ``|w|`` over ``|w| > delta`` (float32); 0 where no element passes.
+
+    A non-finite threshold (a NaN or inf weight in the row or tensor) gives a NaN scale, so the layer's output is
+    NaN rather than silently zero (no element passes a NaN or infinite threshold).
+    """
     dims = _reduce_dims(weight, granularity)
     magnitude = weight.detach().float().abs()
-    mask = magnitude > threshold.float()
+    threshold = threshold.float()
+    mask = magnitude > threshold
     total = torch.where(mask, magnitude, torch.zeros_like(magnitude)).sum(**dims)
     count = mask.sum(**dims).to(torch.float32)
-    return torch.where(count > 0, total / count.clamp_min(1.0), torch.zeros_like(total))
+    scale = torch.where(count > 0, total / count.clamp_min(1.0), torch.zeros_like(total))
+    return torch.where(torch.isfinite(threshold), scale, torch.full_like(scale, math.nan))
 
 
 def lat_scale_threshold(
@@ -211,6 +222,21 @@ def act_qrange(method: str, bits: int, signed: bool = True) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
+def sync_world_size(sync: bool) -> int:
+    """The number of data-parallel ranks an ``act_sync`` op spans: the default process group's size when ``sync``
+    is set and ``torch.distributed`` is initialized, else 1."""
+    if sync and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def all_reduce_min_max(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global ``(min, max)`` over the default process group: one all-reduce (MAX) of ``[-low, high]``."""
+    pair = torch.stack([-low.reshape(()), high.reshape(())]).float()
+    torch.distributed.all_reduce(pair, op=torch.distributed.ReduceOp.MAX)
+    return -pair[0], pair[1]
+
+
 def act_params(
     x: torch.Tensor,
     method: str,
@@ -218,8 +244,17 @@ def act_params(
     clip: torch.Tensor | None = None,
     step: torch.Tensor | None = None,
     signed: bool = True,
+    granularity: str = "per_tensor",
+    sync: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-    """Per-tensor scalars ``(lo, hi, zero, step, qmin, qmax)`` of the affine fake-quant (float32, detached)."""
+    """``(lo, hi, zero, step, qmin, qmax)`` of the affine fake-quant (float32, detached).
+
+    ``lo`` / ``hi`` are scalars. ``zero`` / ``step`` are scalars for ``granularity="per_tensor"`` and LSQ, and of
+    shape ``x.shape[:-1] + (1,)`` (one per row of ``x``) for ``"per_token"`` sym / asym. ``sync`` (per-tensor sym /
+    asym under an initialized ``torch.distributed``) takes the min / max over every rank's ``x``.
+    NaN in ``x`` propagates: the scale of its tensor (or row) is NaN, and so is that output.
+    """
+    check_choice("act_granularity", granularity, ACT_GRANULARITIES)
     qmin, qmax = act_qrange(method, bits, signed)
     if method == "lsq":
         if step is None:
@@ -235,9 +270,18 @@ def act_params(
         # An empty batch has no range: step 0 (the fake-quant then returns an empty tensor).
         return lo, hi, zero, zero.clone(), qmin, qmax
     clamped = torch.minimum(torch.maximum(x.detach().float(), lo), hi)
+    if granularity == "per_token":
+        low, high = clamped.amin(dim=-1, keepdim=True), clamped.amax(dim=-1, keepdim=True)
+        if method == "asym":
+            # A row's range includes 0 (as torch.ao's observers do): exact zeros, such as the masked attention
+            # probabilities of a causal model, then neither move the range nor lose their value.
+            low, high = torch.minimum(low, torch.zeros_like(low)), torch.maximum(high, torch.zeros_like(high))
+    else:
+        low, high = clamped.amin(), clamped.amax()
+        if sync_world_size(sync) > 1:
+            low, high = all_reduce_min_max(low, high)
     if method == "sym":
-        return lo, hi, zero, clamped.abs().amax() / qmax, qmin, qmax
-    low, high = clamped.amin(), clamped.amax()
+        return lo, hi, torch.zeros_like(high), torch.maximum(-low, high) / qmax, qmin, qmax
     return lo, hi, low, (high - low) / qmax, qmin, qmax
 
 
@@ -256,8 +300,8 @@ class _ActQuantClip(torch.autograd.Function):
     """Uniform fake-quant with a learnable clip pair; PACT gradient for the clip."""
 
     @staticmethod
-    def forward(ctx, x, clip, method, bits):
-        lo, hi, zero, step, qmin, qmax = act_params(x, method, bits, clip=clip)
+    def forward(ctx, x, clip, method, bits, granularity, sync):
+        lo, hi, zero, step, qmin, qmax = act_params(x, method, bits, clip=clip, granularity=granularity, sync=sync)
         ctx.save_for_backward(x, clip)
         return fake_quant_affine(x, lo, hi, zero, step, qmin, qmax).to(x.dtype)
 
@@ -275,17 +319,25 @@ class _ActQuantClip(torch.autograd.Function):
             zero = torch.zeros((), dtype=g.dtype, device=g.device)
             grad_clip = torch.stack([torch.where(below, g, zero).sum(), torch.where(above, g, zero).sum()])
             grad_clip = grad_clip.to(clip.dtype).reshape(clip.shape)
-        return grad_x, grad_clip, None, None
+        return grad_x, grad_clip, None, None, None, None
+
+
+def lsq_grad_scale(numel: int, qmax: int, sync: bool = False) -> float:
+    """LSQ's step-gradient scale ``1 / sqrt(numel * qmax)`` (0 for an empty input); ``numel`` counts the global
+    batch under ``sync``: the local count times ``sync_world_size(sync)`` (equal shards per rank, as DDP assumes)."""
+    total = numel * sync_world_size(sync)
+    return 1.0 / math.sqrt(total * qmax) if total > 0 else 0.0
 
 
 class _ActQuantLSQ(torch.autograd.Function):
     """LSQ fake-quant (Esser et al.): learned step with gradient scale ``1 / sqrt(numel * qmax)``."""
 
     @staticmethod
-    def forward(ctx, x, step, bits, signed):
+    def forward(ctx, x, step, bits, signed, sync):
         lo, hi, zero, s, qmin, qmax = act_params(x, "lsq", bits, step=step, signed=signed)
         ctx.save_for_backward(x, step)
         ctx.qrange = (qmin, qmax)
+        ctx.sync = sync
         return fake_quant_affine(x, lo, hi, zero, s, qmin, qmax).to(x.dtype)
 
     @staticmethod
@@ -298,10 +350,9 @@ class _ActQuantLSQ(torch.autograd.Function):
         grad_step = None
         if ctx.needs_input_grad[1]:
             local = torch.where(below, float(qmin), torch.where(above, float(qmax), torch.round(v) - v))
-            # LSQ's gradient scale 1 / sqrt(numel * qmax); an empty batch contributes a zero gradient.
-            scale = 1.0 / math.sqrt(x.numel() * qmax) if x.numel() else 0.0
+            scale = lsq_grad_scale(x.numel(), qmax, ctx.sync)
             grad_step = ((grad_output.float() * local).sum() * scale).to(step.dtype).reshape(step.shape)
-        return grad_x, grad_step, None, None
+        return grad_x, grad_step, None, None, None
 
 
 def quantize_act(
@@ -311,21 +362,26 @@ def quantize_act(
     clip: torch.Tensor | None = None,
     step: torch.Tensor | None = None,
     signed: bool = True,
+    granularity: str = "per_tensor",
+    sync: bool = False,
 ) -> torch.Tensor:
-    """Per-tensor activation fake-quant with straight-through gradients (see docs/design.md).
+    """Activation fake-quant with straight-through gradients (see docs/design.md).
 
     ``method``: ``"sym"`` (max-abs after clipping to the learnable ``clip = [lo, hi]``), ``"asym"`` (min-max
-    after clipping) or ``"lsq"`` (learned ``step``; ``signed=False`` for non-negative inputs).
+    after clipping) or ``"lsq"`` (learned ``step``; ``signed=False`` for non-negative inputs). ``granularity``:
+    one dynamic scale ``"per_tensor"`` or ``"per_token"`` (per row of the last dim; sym / asym only, the LSQ step is
+    learned). ``sync``: data-parallel statistics (``act_params``, ``lsq_grad_scale``).
     """
     check_choice("act_method", method, ACT_METHODS)
     check_act_bits(bits)
+    check_choice("act_granularity", granularity, ACT_GRANULARITIES)
     if method == "lsq":
         if step is None:
             raise ValueError("act_method='lsq' needs act_step (the learned step size)")
-        return _ActQuantLSQ.apply(x, step, bits, bool(signed))
+        return _ActQuantLSQ.apply(x, step, bits, bool(signed), bool(sync))
     if clip is None or clip.numel() != 2:
         raise ValueError(f"act_method={method!r} needs act_clip of 2 elements (lo, hi), got {clip!r}")
-    return _ActQuantClip.apply(x, clip, method, bits)
+    return _ActQuantClip.apply(x, clip, method, bits, granularity, bool(sync))
 
 
 def lsq_init_step(x: torch.Tensor, bits: int, signed: bool = True) -> torch.Tensor:
@@ -352,7 +408,7 @@ def quant_linear(
     """Reference ``F.linear(Q_act(x), Q_w(weight), bias)``: materializes both fake-quantized operands."""
     if options.act_method is not None:
         x = quantize_act(x, options.act_method, options.act_bits, clip=act_clip, step=act_step,
-                         signed=options.act_signed)
+                         signed=options.act_signed, granularity=options.act_granularity, sync=options.act_sync)
     if options.weight_method is not None:
         if options.weight_method == "lat" and weight_scale is None:
             raise ValueError("weight_method='lat' needs weight_scale and weight_threshold (lat_scale_threshold)")

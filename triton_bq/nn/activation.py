@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from triton_bq import reference
-from triton_bq.options import QuantOptions
+from triton_bq.options import ACT_GRANULARITIES, QuantOptions, check_choice
 
 __all__ = ["ActQuantizer", "attach_optimizer", "default_act_method", "second_moment_of"]
 
@@ -20,24 +20,47 @@ def default_act_method(bits: int) -> str:
 
 
 class ActQuantizer(nn.Module):
-    """Per-tensor activation fake-quantizer with learnable parameters.
+    """Activation fake-quantizer with learnable parameters.
 
     ``method="sym"``/``"asym"`` hold a learnable clip pair ``clip = [lo, hi]`` (init ``[-clip_init, clip_init]``,
-    PACT-style gradient); ``method="lsq"`` holds a learnable ``step`` initialised from the first non-empty batch it
-    sees (``2 * mean|x| / sqrt(qmax)``, averaged over processes under ``torch.distributed``).
+    PACT-style gradient) and measure their step (and zero point) from the input: one per tensor
+    (``granularity="per_tensor"``, the papers') or one per token (``"per_token"``, a row of the last dim: what a
+    causal LM needs, since no token's codes then depend on later tokens or on other samples). ``method="lsq"``
+    holds a learnable ``step`` (shape ``[1]``) initialised from the first non-empty batch it sees (``2 * mean|x| /
+    sqrt(qmax)``, averaged over processes under ``torch.distributed``).
+
+    ``sync`` (default on): while training under an initialized ``torch.distributed``, per-tensor min / max are
+    all-reduced over the default process group (every data-parallel rank quantizes with the global batch's scale,
+    as one process would) and the LSQ step gradient counts the global batch's elements. Evaluation never
+    synchronizes: ranks may evaluate alone (rank-0-only evaluation would otherwise hang).
+    Under FSDP2 ``fully_shard``, initialize the LSQ steps before sharding (one forward on a batch): inside a sharded
+    forward the step is an all-gathered copy, and the initial value written to it would not reach the shard.
     Call it on a tensor to fake-quantize it, or give ``op_options`` / ``op_tensors`` to ``quant_linear`` to fuse it.
     """
 
-    def __init__(self, bits: int = 8, method: str | None = None, signed: bool = True, clip_init: float = 2.5):
+    def __init__(
+        self,
+        bits: int = 8,
+        method: str | None = None,
+        signed: bool = True,
+        clip_init: float = 2.5,
+        granularity: str = "per_tensor",
+        sync: bool = True,
+    ):
         super().__init__()
         method = default_act_method(bits) if method is None else method
         reference.act_qrange(method, bits, signed)
+        check_choice("granularity", granularity, ACT_GRANULARITIES)
+        if not isinstance(sync, bool):
+            raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
         if method != "lsq" and not clip_init > 0:
             raise ValueError(f"clip_init must be > 0, got {clip_init!r}")
         self.bits, self.method, self.signed = bits, method, bool(signed)
+        self.granularity, self.sync = granularity, sync
         self._options_key = self._options = None
         if method == "lsq":
-            self.step = nn.Parameter(torch.ones(()))
+            # 1-D (not 0-D): FSDP2's fully_shard rejects scalar Parameters. 0-D steps of older state dicts load.
+            self.step = nn.Parameter(torch.ones(1))
             self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
             self._initialized_seen = False
         else:
@@ -57,17 +80,25 @@ class ActQuantizer(nn.Module):
                 self.initialized.fill_(True)
         self._initialized_seen = True
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        step = state_dict.get(prefix + "step")
+        if self.method == "lsq" and isinstance(step, torch.Tensor) and step.dim() == 0:
+            state_dict[prefix + "step"] = step.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.method == "lsq":
             self._initialized_seen = False
 
     def op_options(self, options: QuantOptions) -> QuantOptions:
-        """``options`` with this quantizer's input settings (``act_method``, ``act_bits``, ``act_signed``)."""
-        key = (options, self.method, self.bits, self.signed)
+        """``options`` with this quantizer's input settings (``act_method``, ``act_bits``, ``act_signed``,
+        ``act_granularity``, and ``act_sync`` while training)."""
+        sync = self.sync and self.training
+        key = (options, self.method, self.bits, self.signed, self.granularity, sync)
         if self._options_key != key:
             self._options_key = key
-            self._options = options.replace(act_method=self.method, act_bits=self.bits, act_signed=self.signed)
+            self._options = options.replace(
+                act_method=self.method, act_bits=self.bits, act_signed=self.signed,
+                act_granularity=self.granularity, act_sync=sync,
+            )
         return self._options
 
     def op_tensors(self, x: torch.Tensor) -> dict:
@@ -78,12 +109,14 @@ class ActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tensors = self.op_tensors(x)
         return reference.quantize_act(
-            x, self.method, self.bits, clip=tensors["act_clip"], step=tensors["act_step"], signed=self.signed
+            x, self.method, self.bits, clip=tensors["act_clip"], step=tensors["act_step"], signed=self.signed,
+            granularity=self.granularity, sync=self.sync and self.training,
         )
 
     def extra_repr(self) -> str:
         signed = "" if self.method != "lsq" else f", signed={self.signed}"
-        return f"bits={self.bits}, method={self.method!r}{signed}"
+        granularity = "" if self.method == "lsq" else f", granularity={self.granularity!r}"
+        return f"bits={self.bits}, method={self.method!r}{signed}{granularity}"
 
 
 def attach_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:

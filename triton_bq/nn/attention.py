@@ -167,12 +167,17 @@ def _device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu") if tensor is None else tensor.device
 
 
-def quantize_attention(module: nn.Module, act_bits: int | None = 8, clip_init: float = 2.5) -> nn.Module:
+def quantize_attention(
+    module: nn.Module, act_bits: int | None = 8, clip_init: float = 2.5, granularity: str = "per_tensor",
+    sync: bool = True,
+) -> nn.Module:
     """Swap a Hugging Face attention module to its quantized class in place and return it.
 
     ``act_bits=8``: Q, K, V symmetric uniform with learnable clips, probabilities asymmetric min-max.
     ``act_bits<8``: LSQ, unsigned for the probabilities. ``act_bits=None``: full precision (eager attention
-    that can record scores, used for teachers in distillation). Quantizing an already quantized module replaces
+    that can record scores, used for teachers in distillation). ``granularity`` and ``sync`` are those of
+    ``ActQuantizer`` (``"per_token"``: one scale per row of Q, K, V and of the probabilities, which keeps a causal
+    model causal). Quantizing an already quantized module replaces
     its quantizers. Raises TypeError for a module that does not compute through transformers' attention interface
     (``dispatches_attention``).
     """
@@ -188,11 +193,12 @@ def quantize_attention(module: nn.Module, act_bits: int | None = 8, clip_init: f
         quantizers = dict.fromkeys(QUANTIZER_NAMES)
     else:
         probs_method = "asym" if act_bits == 8 else "lsq"
+        common = dict(clip_init=clip_init, granularity=granularity, sync=sync)
         quantizers = dict(
-            query_quantizer=ActQuantizer(act_bits, clip_init=clip_init),
-            key_quantizer=ActQuantizer(act_bits, clip_init=clip_init),
-            value_quantizer=ActQuantizer(act_bits, clip_init=clip_init),
-            probs_quantizer=ActQuantizer(act_bits, probs_method, signed=False, clip_init=clip_init),
+            query_quantizer=ActQuantizer(act_bits, **common),
+            key_quantizer=ActQuantizer(act_bits, **common),
+            value_quantizer=ActQuantizer(act_bits, **common),
+            probs_quantizer=ActQuantizer(act_bits, probs_method, signed=False, **common),
         )
     for name, quantizer in quantizers.items():
         setattr(module, name, None if quantizer is None else quantizer.to(device))

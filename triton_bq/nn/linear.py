@@ -46,13 +46,13 @@ def check_finite_weight(module: nn.Module, weight: torch.Tensor) -> None:
         )
 
 
-def _make_act_quantizer(act_bits, act_method, act_signed, clip_init):
+def _make_act_quantizer(act_bits, act_method, act_signed, clip_init, act_granularity="per_tensor", act_sync=True):
     if act_bits is None:
         if act_method is not None:
             raise ValueError(f"act_method={act_method!r} needs act_bits, got act_bits=None")
         return None
     check_act_bits(act_bits)
-    return ActQuantizer(act_bits, act_method, act_signed, clip_init)
+    return ActQuantizer(act_bits, act_method, act_signed, clip_init, act_granularity, act_sync)
 
 
 class QuantLinear(nn.Linear):
@@ -68,6 +68,10 @@ class QuantLinear(nn.Linear):
         act_method: ``None`` picks ``"sym"`` for 8 bits and ``"lsq"`` below; or ``"sym"``/``"asym"``/``"lsq"``.
         act_signed: LSQ only; ``False`` for non-negative inputs.
         clip_init: initial activation clip ``[-clip_init, clip_init]`` for ``sym``/``asym``.
+        act_granularity: ``"per_tensor"`` (one measured sym / asym scale, the papers') or ``"per_token"`` (one per
+            row of the input, for causal LMs); see ``ActQuantizer``.
+        act_sync: synchronize per-tensor scales and the LSQ element count across data-parallel ranks while
+            training (``ActQuantizer``'s ``sync``).
         backend: ``"auto"`` (fused Triton kernels for CUDA tensors, reference otherwise), ``"triton"``,
             ``"reference"``.
 
@@ -93,13 +97,15 @@ class QuantLinear(nn.Linear):
         act_method: str | None = None,
         act_signed: bool = True,
         clip_init: float = 2.5,
+        act_granularity: str = "per_tensor",
+        act_sync: bool = True,
         backend: str = "auto",
     ):
         options = QuantOptions(weight_method, granularity, ste)
         check_choice("backend", backend, ops.BACKENDS)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.options, self.backend = options, backend
-        self.act_quantizer = _make_act_quantizer(act_bits, act_method, act_signed, clip_init)
+        self.act_quantizer = _make_act_quantizer(act_bits, act_method, act_signed, clip_init, act_granularity, act_sync)
         if self.act_quantizer is not None and device is not None and torch.device(device).type != "meta":
             self.act_quantizer.to(device)
 

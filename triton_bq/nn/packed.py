@@ -41,13 +41,16 @@ def _integer_activations(x, lo, hi, zero, step, qmin, qmax) -> torch.Tensor:
 def act_quantizer_entry(quantizer) -> dict | None:
     if quantizer is None:
         return None
-    return {"bits": quantizer.bits, "method": quantizer.method, "signed": quantizer.signed}
+    return {"bits": quantizer.bits, "method": quantizer.method, "signed": quantizer.signed,
+            "granularity": quantizer.granularity}
 
 
 def act_quantizer_from_entry(entry: dict | None):
     if entry is None:
         return None
-    return ActQuantizer(entry["bits"], entry["method"], entry["signed"])
+    # Manifests written before per-token scales existed have no "granularity": they were per tensor.
+    return ActQuantizer(entry["bits"], entry["method"], entry["signed"],
+                        granularity=entry.get("granularity", "per_tensor"))
 
 
 class PackedLinear(nn.Module):
@@ -56,8 +59,8 @@ class PackedLinear(nn.Module):
     Buffers: ``packed_weight`` (int32 ``[P, N, ceil(K * bits / 32)]``, see ``triton_bq.bitpack``), ``weight_scale``
     (float32 ``[P, 1]`` or ``[P, N]``) and ``bias`` (``[N]`` or ``None``). An optional ``act_quantizer`` (the
     training layer's ``ActQuantizer``, same state dict keys) quantizes the input as in training: symmetric and
-    signed-LSQ inputs that fit in int8 run the integer kernel (``x_scale`` = the quantizer's step), the others are
-    fake-quantized and run the float kernel.
+    signed-LSQ inputs that fit in int8 run the integer kernel (``x_scale`` = the quantizer's step: one per token for
+    a per-token quantizer, the same codes as training), the others are fake-quantized and run the float kernel.
 
     Args:
         in_features, out_features: K and N.
@@ -147,7 +150,7 @@ class PackedLinear(nn.Module):
         tensors = quantizer.op_tensors(x)
         lo, hi, zero, step, qmin, qmax = reference.act_params(
             x, quantizer.method, quantizer.bits, clip=tensors["act_clip"], step=tensors["act_step"],
-            signed=quantizer.signed,
+            signed=quantizer.signed, granularity=quantizer.granularity,
         )
         if quantizer.method != "asym" and qmin >= -128 and qmax <= 127:
             q = _integer_activations(x, lo, hi, zero, step, qmin, qmax)
