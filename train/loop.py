@@ -45,6 +45,8 @@ from train.resume import resume_checkpoint
 from train.stages import Stage
 
 # A loss function returns the loss, or the loss and a dict of its parts (logged beside it, e.g. hidden, attention).
+# Each process's sums of the log interval a checkpoint cut (a resumed run logs the same values).
+WINDOW_FILE = "log_window_{}.json"
 LossFn = Callable[[object, object | None, dict], torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]]
 SaveModel = Callable[[nn.Module, Path], None]
 
@@ -139,6 +141,18 @@ class LogWindow:
         for name, value in parts.items():
             self.parts[name] = self.parts.get(name, 0.0) + value.detach().float()
 
+    def to_json(self) -> dict:
+        return {"tokens": self.tokens, "seconds": self.seconds, "loss": float(self.loss), "steps": self.steps,
+                "parts": {name: float(value) for name, value in self.parts.items()}}
+
+    @classmethod
+    def from_json(cls, payload: dict, device: torch.device) -> LogWindow:
+        # float32 sums written as floats come back exactly: the resumed sums continue bit for bit.
+        def tensor(value: float) -> torch.Tensor:
+            return torch.tensor(value, dtype=torch.float32, device=device)
+        return cls(payload["tokens"], payload["seconds"], tensor(payload["loss"]) if payload["steps"] else 0.0,
+                   payload["steps"], {name: tensor(value) for name, value in payload["parts"].items()})
+
 
 @dataclasses.dataclass
 class StageLoop:
@@ -194,6 +208,9 @@ class StageLoop:
         if checkpoint is not None:
             self.accelerator.load_state(str(checkpoint))
             self.state = TrainerState(**json.loads((checkpoint / TRAINER_STATE_FILE).read_text()))
+            window_file = checkpoint / WINDOW_FILE.format(self.accelerator.process_index)
+            if window_file.is_file():
+                self.window = LogWindow.from_json(json.loads(window_file.read_text()), self.accelerator.device)
             self.ctx.console.write(f"[{self.stage.name}] resumed from {checkpoint} at step {self.state.global_step}")
         best_file = self.partial / BEST_DIR / BEST_STATE_FILE
         self.best = json.loads(best_file.read_text()) if best_file.is_file() else None
@@ -325,8 +342,11 @@ class StageLoop:
         started = time.perf_counter()
         with self.ctx.console.status("saving a checkpoint"):
             accelerator.save_state(str(directory))
+            write_json(directory / WINDOW_FILE.format(accelerator.process_index), self.window.to_json())
+            accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 keep_umask_modes(directory)
+                # Written last: a checkpoint with its trainer state is complete.
                 write_json(directory / TRAINER_STATE_FILE, dataclasses.asdict(self.state))
                 for old in checkpoints.glob("step_*"):
                     if old != directory:
