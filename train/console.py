@@ -3,7 +3,7 @@ evaluations and checkpoints as their own lines above the bar, and an estimate of
 
 The bars are drawn only on a terminal (stdout and stderr both): with either redirected, for example to a log
 file, every line is plain text without carriage returns or escape codes. Log lines go through ``tqdm.write``, and
-while a run is under way (``Console.cooperating``) so do Python warnings and the log records of transformers and
+while a run is under way (``cooperating_output``) so do Python warnings and the log records of transformers and
 accelerate, so that a real warning prints as its own line instead of into the bar. The progress bars of the
 libraries (transformers' "Loading weights" and "Writing model shards", datasets' and the hub's bars off a terminal)
 are switched off: the stage bar is the one progress display.
@@ -34,6 +34,24 @@ def format_seconds(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+@contextlib.contextmanager
+def cooperating_output() -> Iterator[None]:
+    """Within: Python warnings and the libraries' log records print through ``tqdm.write`` (on stderr), as their
+    own lines above a progress bar."""
+    previous = warnings.showwarning
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        text = warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n")
+        tqdm.write(text, file=sys.stderr)
+
+    warnings.showwarning = show_warning
+    try:
+        with logging_redirect_tqdm(loggers=[logging.getLogger(name) for name in LIBRARY_LOGGERS]):
+            yield
+    finally:
+        warnings.showwarning = previous
 
 
 class Console:
@@ -69,22 +87,6 @@ class Console:
             huggingface_hub.utils.enable_progress_bars()
         else:
             datasets.disable_progress_bars()
-
-    @contextlib.contextmanager
-    def cooperating(self) -> Iterator[None]:
-        """Within: Python warnings and the libraries' log records print through ``tqdm.write`` (on stderr)."""
-        previous = warnings.showwarning
-
-        def show_warning(message, category, filename, lineno, file=None, line=None):
-            text = warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n")
-            tqdm.write(text, file=sys.stderr)
-
-        warnings.showwarning = show_warning
-        try:
-            with logging_redirect_tqdm(loggers=[logging.getLogger(name) for name in LIBRARY_LOGGERS]):
-                yield
-        finally:
-            warnings.showwarning = previous
 
     def step_offset(self, name: str) -> int:
         """The training steps of the planned stages before ``name`` (0 for a stage outside the plan)."""

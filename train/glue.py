@@ -62,6 +62,7 @@ if __package__ in (None, ""):
     sys.path[:] = [path for path in sys.path if not path or Path(path).resolve() != _TRAIN_DIR]
     sys.path.insert(0, str(_TRAIN_DIR.parent))
 
+from train.console import cooperating_output  # noqa: E402
 from train.context import TRACKERS_DIR  # noqa: E402
 from train.data import OFFLINE_TASK  # noqa: E402
 from train.launch import relaunch_command, requested_cpu_processes  # noqa: E402
@@ -195,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"accelerate launch --cpu started one process for --num_processes {processes}: restarting as "
               f"{processes} CPU processes (torch.distributed, gloo)", flush=True)
         sys.exit(subprocess.call(relaunch_command(processes, argv, Path(__file__).resolve())))
-    run_pipeline(args)
+    with cooperating_output():
+        run_pipeline(args)
 
 
 if __name__ == "__main__":

@@ -44,9 +44,9 @@ from train.metrics import compute_metrics, is_better
 from train.resume import resume_checkpoint
 from train.stages import Stage
 
-# A loss function returns the loss, or the loss and a dict of its parts (logged beside it, e.g. hidden, attention).
 # Each process's sums of the log interval a checkpoint cut (a resumed run logs the same values).
 WINDOW_FILE = "log_window_{}.json"
+# A loss function returns the loss, or the loss and a dict of its parts (logged beside it, e.g. hidden, attention).
 LossFn = Callable[[object, object | None, dict], torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]]
 SaveModel = Callable[[nn.Module, Path], None]
 

@@ -154,24 +154,23 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     )
     if args.report_to:
         accelerator.init_trackers(f"triton_bq_{spec.name}", config=tracker_config(ctx))
-    with console.cooperating():
-        for stage in stages:
-            if ctx.done(stage.name) is not None:
-                console.mark_finished(stage.name)
-                console.write(f"[{stage.name}] finished earlier, skipped")
-                continue
-            set_seed(args.seed)
-            console.start_stage(stage.name, stage_detail(stage))
-            record = STAGE_RUNNERS[stage.kind](ctx, stage)
+    for stage in stages:
+        if ctx.done(stage.name) is not None:
             console.mark_finished(stage.name)
-            console.write(f"[{stage.name}] done: dev {spec.main_metric} {record['metrics'][spec.main_metric]:.4f}, "
-                          f"{record['wall_seconds']:.0f} s")
-            for removed in remove_unneeded_models(ctx, stages):
-                console.write(f"[{stage.name}] removed {removed} (no planned stage starts from it any more; "
-                              f"--keep_checkpoints all keeps it)")
-        if accelerator.is_main_process:
-            keep_umask_modes(ctx.output_dir)
-        report = write_report(ctx, stages, time.perf_counter() - run_start)
+            console.write(f"[{stage.name}] finished earlier, skipped")
+            continue
+        set_seed(args.seed)
+        console.start_stage(stage.name, stage_detail(stage))
+        record = STAGE_RUNNERS[stage.kind](ctx, stage)
+        console.mark_finished(stage.name)
+        console.write(f"[{stage.name}] done: dev {spec.main_metric} {record['metrics'][spec.main_metric]:.4f}, "
+                      f"{record['wall_seconds']:.0f} s")
+        for removed in remove_unneeded_models(ctx, stages):
+            console.write(f"[{stage.name}] removed {removed} (no planned stage starts from it any more; "
+                          f"--keep_checkpoints all keeps it)")
+    if accelerator.is_main_process:
+        keep_umask_modes(ctx.output_dir)
+    report = write_report(ctx, stages, time.perf_counter() - run_start)
     if args.report_to:
         accelerator.end_training()
     console.write(f"{ctx.output_dir} holds {folder_bytes(ctx.output_dir) / 1e6:.1f} MB")
