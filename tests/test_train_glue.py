@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from train import console, context, glue, launch, loop, models, options, resume, stages  # noqa: E402
 from train import report as report_module  # noqa: E402
-from train.history import HISTORY_FILE, read_history  # noqa: E402
+from train.history import HISTORY_FILE, History, read_history  # noqa: E402
 from train.metrics import compute_metrics  # noqa: E402
 from train.resume import latest_checkpoint, start_partial  # noqa: E402
 
@@ -267,6 +267,24 @@ def test_remove_unneeded_models_keeps_the_teacher_and_final_models(tmp_path):
                                          r"model .* was removed"):
         (tmp_path / "ternary_a8_logits" / context.DONE_FILE).unlink()
         resume.check_starting_points(ctx, plan)
+
+
+def test_history_lines_and_tracker_steps(tmp_path):
+    logged = []
+    accelerator = types.SimpleNamespace(is_main_process=True, log_with=["tracker"],
+                                        log=lambda values, step: logged.append((step, values)))
+    history = History(accelerator, "student", tmp_path, step_offset=100)
+    history.train(4, 0.5, {"loss": 0.5, "lr": 1e-3})
+    history.evaluation(6, 0.75, {"accuracy": 0.8}, True)
+    history.train(8, 1.0, {"loss": 0.4, "lr": 5e-4})
+    assert logged == [(104, {"student/train/loss": 0.5, "student/train/lr": 1e-3}),
+                      (106, {"student/eval/accuracy": 0.8}),
+                      (108, {"student/train/loss": 0.4, "student/train/lr": 5e-4})]
+    history.truncate(6)
+    assert read_history(tmp_path / HISTORY_FILE) == [
+        {"step": 4, "epoch": 0.5, "loss": 0.5, "lr": 1e-3},
+        {"step": 6, "epoch": 0.75, "eval": {"accuracy": 0.8}, "best": True},
+    ]
 
 
 def test_keep_umask_modes(tmp_path):
