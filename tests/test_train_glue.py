@@ -7,6 +7,7 @@ slow for training); ``HF_HUB_OFFLINE=1`` keeps them off the network.
 
 import csv
 import json
+import logging
 import os
 import random
 import signal
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -32,7 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 # train/ is a folder of scripts beside the package, not installed: import it from the checkout.
 sys.path.insert(0, str(REPO))
 
-from train import context, glue, launch, loop, models, options, stages  # noqa: E402
+from train import console, context, glue, launch, loop, models, options, resume, stages  # noqa: E402
+from train import report as report_module  # noqa: E402
+from train.history import HISTORY_FILE, History, read_history  # noqa: E402
 from train.metrics import compute_metrics  # noqa: E402
 from train.resume import latest_checkpoint, start_partial  # noqa: E402
 
@@ -167,6 +171,7 @@ def test_offline_defaults():
         (["--checkpointing_steps", "-2"], r"--checkpointing_steps must be >= 0, got -2"),
         (["--task", "nope"], r"--task must be one of"),
         (["--quant", "bwn", "--stop_after", "tws"], r"--stop_after 'tws' names no stage of --quant bwn"),
+        (["--report_to", "nope"], r"--report_to must name trackers among tensorboard, wandb"),
     ],
 )
 def test_bad_options_raise_value_error(argv, message):
@@ -174,6 +179,122 @@ def test_bad_options_raise_value_error(argv, message):
     with pytest.raises(ValueError, match=message):
         options.check_args(args)
         stages.plan_stages(args)
+
+
+def test_report_to_needs_the_tracker_package(monkeypatch):
+    monkeypatch.setattr(options, "get_available_trackers", lambda: [])
+    args = glue.parse_args(["--model_name_or_path", "unused", "--report_to", "tensorboard"])
+    with pytest.raises(ValueError, match=r"--report_to tensorboard needs the package 'tensorboard', which is not "
+                                         r"installed: pip install tensorboard"):
+        options.check_args(args)
+    args = glue.parse_args(["--model_name_or_path", "unused"])
+    options.check_args(args)
+    assert args.report_to == []
+
+
+def test_console_plain_lines_and_run_eta(capsys):
+    out = console.Console(True, {"teacher": 4, "tws_a8": 0, "student": 6}, interactive=False)
+    out.start_stage("teacher", "fine-tune")
+    out.open_bar(4, 0)
+    assert out.run_eta(0) is None
+    out.step(2)
+    # Two of ten steps took the time so far: eight steps remain at that rate.
+    eta = out.run_eta(2)
+    assert eta == pytest.approx(8 * out.rate_seconds) and eta > 0
+    with out.status("evaluating on dev"):
+        out.write("[teacher] step 2/4 dev accuracy 0.5")
+    out.close_bar()
+    out.mark_finished("teacher")
+    assert out.run_eta(0) == pytest.approx(6 * out.rate_seconds)
+    assert out.step_offset("student") == 4 and out.step_offset("elsewhere") == 0
+    captured = capsys.readouterr()
+    assert captured.out == "stage 1/3: teacher (fine-tune)\n[teacher] step 2/4 dev accuracy 0.5\n"
+    assert "\r" not in captured.err and "\x1b" not in captured.err
+    assert console.format_seconds(3725) == "1:02:05" and console.format_seconds(65) == "1:05"
+
+
+class RecordHandler(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_load_hf_model_is_quiet_only_about_a_new_head(tiny, tmp_path, monkeypatch):
+    from transformers import BertModel
+
+    base = BertModel(BertConfig(vocab_size=27, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=64))
+    base.save_pretrained(tmp_path / "base")
+    state = base.state_dict()
+    del state["encoder.layer.0.output.dense.weight"]
+    base.save_pretrained(tmp_path / "broken", state_dict=state)
+    ctx = types.SimpleNamespace(spec=types.SimpleNamespace(label_names=None, num_labels=2, is_regression=False))
+    handler = RecordHandler()
+    logger = logging.getLogger(models.LOADING_LOGGER)
+    logger.addHandler(handler)
+    try:
+        model = models.load_hf_model(ctx, tmp_path / "base")
+        assert model.classifier.out_features == 2 and handler.messages == []
+        models.load_hf_model(ctx, tmp_path / "broken")
+    finally:
+        logger.removeHandler(handler)
+    assert len(handler.messages) == 1 and "LOAD REPORT" in handler.messages[0]
+    assert "encoder.layer.0.output.dense.weight" in handler.messages[0]
+
+
+def test_remove_unneeded_models_keeps_the_teacher_and_final_models(tmp_path):
+    args = glue.parse_args(["--model_name_or_path", "unused", "--output_dir", str(tmp_path)])
+    options.check_args(args)
+    plan = stages.plan_stages(args)
+    ctx = types.SimpleNamespace(args=args, accelerator=types.SimpleNamespace(is_main_process=True,
+                                                                           wait_for_everyone=lambda: None),
+                                stage_dir=lambda name: tmp_path / name,
+                                done=lambda name: {} if (tmp_path / name / context.DONE_FILE).is_file() else None)
+    for stage in plan[:4]:  # teacher, ternary hidden and logits, TWS finished; the binary student not yet
+        (tmp_path / stage.name / context.BEST_DIR).mkdir(parents=True)
+        (tmp_path / stage.name / context.DONE_FILE).write_text("{}")
+    args.keep_checkpoints = "all"
+    assert resume.remove_unneeded_models(ctx, plan) == []
+    args.keep_checkpoints = "needed"
+    assert resume.remove_unneeded_models(ctx, plan) == [tmp_path / "ternary_a8_hidden" / context.BEST_DIR]
+    kept = sorted(path.parent.name for path in tmp_path.glob(f"*/{context.BEST_DIR}"))
+    # TWS stays until the binary student that starts from it has finished.
+    assert kept == ["teacher", "ternary_a8_logits", "tws_a8"]
+    with pytest.raises(ValueError, match=r"stage 'ternary_a8_logits' starts from stage 'ternary_a8_hidden', whose "
+                                         r"model .* was removed"):
+        (tmp_path / "ternary_a8_logits" / context.DONE_FILE).unlink()
+        resume.check_starting_points(ctx, plan)
+
+
+def test_history_lines_and_tracker_steps(tmp_path):
+    logged = []
+    accelerator = types.SimpleNamespace(is_main_process=True, log_with=["tracker"],
+                                        log=lambda values, step: logged.append((step, values)))
+    history = History(accelerator, "student", tmp_path, step_offset=100)
+    history.train(4, 0.5, {"loss": 0.5, "lr": 1e-3})
+    history.evaluation(6, 0.75, {"accuracy": 0.8}, True)
+    history.train(8, 1.0, {"loss": 0.4, "lr": 5e-4})
+    assert logged == [(104, {"student/train/loss": 0.5, "student/train/lr": 1e-3}),
+                      (106, {"student/eval/accuracy": 0.8}),
+                      (108, {"student/train/loss": 0.4, "student/train/lr": 5e-4})]
+    history.truncate(6)
+    assert read_history(tmp_path / HISTORY_FILE) == [
+        {"step": 4, "epoch": 0.5, "loss": 0.5, "lr": 1e-3},
+        {"step": 6, "epoch": 0.75, "eval": {"accuracy": 0.8}, "best": True},
+    ]
+
+
+def test_keep_umask_modes(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    context.keep_umask_modes(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 # ---- the training loop, in process ----
@@ -255,6 +376,14 @@ def test_distillation_loop_keeps_best_and_resumes_exactly(tiny, tmp_path, one_th
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
     assert not all(torch.equal(straight_final[name], expected[name]) for name in expected)
+    # The history of the resumed stage drops what it trained again: the same lines, in order.
+    def history_of(run):
+        records = read_history(tmp_path / run / "student.partial" / HISTORY_FILE)
+        return [(r["step"], r.get("loss"), r.get("eval"), r.get("best")) for r in records]
+    straight_history = history_of("straight")
+    assert history_of("resumed") == straight_history
+    assert [step for step, loss, *_ in straight_history if loss is not None] == [4, 8, 12, 16, 20, 24]
+    assert [step for step, _, metrics, _ in straight_history if metrics is not None] == [6, 12, 18, 24]
 
 
 def test_restart_without_resume_discards_the_partial_stage(tiny, tmp_path, one_thread):
@@ -291,6 +420,30 @@ def test_script_teacher_and_report(tiny, tmp_path):
     markdown = (output_dir / "report.md").read_text()
     assert f"| teacher | 32-32-32 | 1 | {done['metrics']['accuracy'] * 100:.2f} |" in markdown
     assert "| teacher | 32-32-32 |" in result.stdout
+    # The console: a stage header, plain lines off a terminal, no loading bars or load reports.
+    assert "stage 1/1: teacher (W-E-A 32-32-32, fine-tune the full-precision model)" in result.stdout
+    for stream in (result.stdout, result.stderr):
+        assert "\r" not in stream and "\x1b" not in stream
+    assert "Loading weights" not in result.stderr and "Writing model shards" not in result.stderr
+    assert f"{output_dir} holds " in result.stdout
+    # History: every logged step and every evaluation.
+    history = read_history(output_dir / "teacher" / HISTORY_FILE)
+    train_lines = [record for record in history if "loss" in record]
+    assert [record["step"] for record in train_lines] == list(range(4, 49, 4))
+    assert all(record["lr"] >= 0 and record["tokens_per_second"] > 0 for record in train_lines)
+    assert [record["step"] for record in history if "eval" in record] == [6, 12, 18, 24, 30, 36, 42, 48]
+    assert max(r["eval"]["accuracy"] for r in history if "eval" in r) == done["metrics"]["accuracy"]
+    # The report: model named, legend, plots linked; sizes and modes of what the run left.
+    assert markdown.startswith(f"# local: binary pipeline ({tiny['model']})")
+    assert "W-E-A: bits of the weights" in markdown and "x smaller: the teacher's size" in markdown
+    for plot in ("plots/training_curves.png", "plots/accuracy_vs_size.png"):
+        assert f"]({plot})" in markdown and (output_dir / plot).read_bytes().startswith(b"\x89PNG")
+    assert report["run_folder_bytes"] == pytest.approx(report_module.folder_bytes(output_dir), rel=0.05)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {path.relative_to(output_dir): path.stat().st_mode & 0o777 for path in output_dir.rglob("*")
+             if path.is_file()}
+    assert modes and set(modes.values()) == {0o666 & ~umask}, modes
 
     again = run_script(tiny_argv(tiny, output_dir, "--stop_after", "teacher"))
     assert again.returncode == 0, again.stderr[-4000:]
@@ -328,6 +481,11 @@ def test_script_runs_every_quantized_stage(tiny, tmp_path):
     assert [len(kept["neurons"]) for kept in quantization["width_plan"].values()] == [32, 32]
     # Ternary weight splitting starts the binary student where the ternary one ended.
     assert read_done(output_dir, "tws_a8")["metrics"] == read_done(output_dir, "ternary_a8_logits")["metrics"]
+    # --keep_checkpoints needed: the intermediate models went once their followers finished.
+    kept = sorted(path.parent.name for path in output_dir.glob("*/best"))
+    assert kept == ["binary_a8_logits", "bwn_a8_logits", "teacher", "ternary_a8_logits"]
+    assert all((output_dir / row["stage"] / HISTORY_FILE).is_file() for row in report["rows"] if row["steps"])
+    assert "ternary_a8_hidden" in result.stdout and "removed" in result.stdout
 
 
 @pytest.mark.slow

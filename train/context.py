@@ -1,9 +1,10 @@
 """What every stage shares (``Context``), and the names and atomic writes of what a run keeps on disk.
 
-Under ``--output_dir`` a finished stage is a folder ``<stage>/`` holding ``DONE.json`` (its record) and its best
-model ``best/``; a stage in progress works in ``<stage>.partial/``, with resumable checkpoints in
-``checkpoints/step_N/`` (each ends with ``trainer_state.json``). Files are written to a temporary name and renamed,
-so a killed run never leaves a half-written one.
+Under ``--output_dir`` a finished stage is a folder ``<stage>/`` holding ``DONE.json`` (its record),
+``history.jsonl`` and its best model ``best/`` (removed from intermediate stages once no stage needs it); a stage
+in progress works in ``<stage>.partial/``, with resumable checkpoints in ``checkpoints/step_N/`` (each ends with
+``trainer_state.json``). Files are written to a temporary name and renamed, so a killed run never leaves a
+half-written one. Saved files get the mode the umask gives (``keep_umask_modes``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import transformers
 from accelerate import Accelerator
 
+from train.console import Console
 from train.data import TaskSpec
 
 DONE_FILE = "DONE.json"
@@ -27,6 +29,8 @@ TRAINER_STATE_FILE = "trainer_state.json"
 BEST_STATE_FILE = "best_state.json"
 QUANT_FILE = "quantization.json"
 PARTIAL_SUFFIX = ".partial"
+# Where the experiment trackers of --report_to log (TensorBoard event files, ...).
+TRACKERS_DIR = "trackers"
 # Settings that change what a stage computes: a finished stage is reused only when they match.
 FINGERPRINT_KEYS = (
     "task", "model_name_or_path", "teacher_name_or_path", "train_file", "validation_file", "text_columns",
@@ -38,7 +42,8 @@ FINGERPRINT_KEYS = (
 
 @dataclasses.dataclass
 class Context:
-    """What every stage shares: the accelerator, options, task, tokenizer, tokenized data and output folder."""
+    """What every stage shares: the accelerator, options, task, tokenizer, tokenized data, output folder and the
+    console."""
 
     accelerator: Accelerator
     args: argparse.Namespace
@@ -47,6 +52,7 @@ class Context:
     tokenized: dict
     output_dir: Path
     source: str
+    console: Console
 
     def stage_dir(self, name: str) -> Path:
         return self.output_dir / name
@@ -79,3 +85,24 @@ def replace_dir(source: Path, destination: Path) -> None:
     os.replace(source, destination)
     if old.exists():
         shutil.rmtree(old)
+
+
+def keep_umask_modes(root: Path) -> None:
+    """Give every file and folder under ``root`` (and ``root``) the mode the process's umask gives new ones.
+
+    safetensors writes its files with mode 0600 whatever the umask (a temporary file renamed into place), so the
+    weights that ``save_pretrained``, ``safetensors.torch.save_model`` and ``accelerator.save_state`` write would
+    not be readable by the group or others that can read every other file of the run.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for path in paths:
+        if path.is_symlink() or not path.exists():
+            continue
+        mode = (0o777 if path.is_dir() else 0o666) & ~umask
+        # Keep execute bits a file was given on purpose; only read/write bits follow the umask.
+        if not path.is_dir():
+            mode |= path.stat().st_mode & 0o111 & ~umask
+        if path.stat().st_mode & 0o777 != mode:
+            os.chmod(path, mode)

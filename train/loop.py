@@ -6,6 +6,8 @@ linear decay), prepares everything with Accelerate and runs a ``StageLoop``: eac
 evaluated ``--evals_per_epoch`` times per epoch and every improvement of the task's main metric is saved to
 ``<stage>.partial/best`` (keep-best); every ``--checkpointing_steps`` steps ``accelerator.save_state`` writes a
 checkpoint that ``--resume_from_checkpoint`` continues exactly (same data order, random state and final weights).
+Each logged step and each evaluation is a line of the stage's ``history.jsonl`` (``train/history.py``) and shows on
+the console (``train/console.py``): the stage's progress bar, and evaluations and saving as their own status.
 """
 
 from __future__ import annotations
@@ -23,24 +25,29 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
 
+from train.console import format_seconds
 from train.context import (
     BEST_DIR,
     BEST_STATE_FILE,
     CHECKPOINTS_DIR,
     TRAINER_STATE_FILE,
     Context,
+    keep_umask_modes,
     replace_dir,
     write_json,
 )
 from train.data import TaskSpec
+from train.history import History
 from train.metrics import compute_metrics, is_better
 from train.resume import resume_checkpoint
 from train.stages import Stage
 
-LossFn = Callable[[object, object | None, dict], torch.Tensor]
+# Each process's sums of the log interval a checkpoint cut (a resumed run logs the same values).
+WINDOW_FILE = "log_window_{}.json"
+# A loss function returns the loss, or the loss and a dict of its parts (logged beside it, e.g. hidden, attention).
+LossFn = Callable[[object, object | None, dict], torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]]
 SaveModel = Callable[[nn.Module, Path], None]
 
 
@@ -126,10 +133,25 @@ class LogWindow:
     seconds: float = 0.0
     loss: torch.Tensor | float = 0.0
     steps: int = 0
+    parts: dict = dataclasses.field(default_factory=dict)
 
-    def add(self, tokens: int, seconds: float, loss: torch.Tensor) -> None:
+    def add(self, tokens: int, seconds: float, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
         self.tokens += tokens
         self.seconds, self.loss, self.steps = self.seconds + seconds, self.loss + loss, self.steps + 1
+        for name, value in parts.items():
+            self.parts[name] = self.parts.get(name, 0.0) + value.detach().float()
+
+    def to_json(self) -> dict:
+        return {"tokens": self.tokens, "seconds": self.seconds, "loss": float(self.loss), "steps": self.steps,
+                "parts": {name: float(value) for name, value in self.parts.items()}}
+
+    @classmethod
+    def from_json(cls, payload: dict, device: torch.device) -> LogWindow:
+        # float32 sums written as floats come back exactly: the resumed sums continue bit for bit.
+        def tensor(value: float) -> torch.Tensor:
+            return torch.tensor(value, dtype=torch.float32, device=device)
+        return cls(payload["tokens"], payload["seconds"], tensor(payload["loss"]) if payload["steps"] else 0.0,
+                   payload["steps"], {name: tensor(value) for name, value in payload["parts"].items()})
 
 
 @dataclasses.dataclass
@@ -137,7 +159,8 @@ class StageLoop:
     """One stage's training: the prepared model, optimizer, schedule and loaders, and what the loop updates.
 
     ``state`` is the resumable progress, ``best`` the best dev evaluation so far (``{"metrics", "step"}``, also
-    in ``best/best_state.json``), ``window`` the sums of the current log interval.
+    in ``best/best_state.json``), ``window`` the sums of the current log interval, ``history`` the stage's
+    ``history.jsonl`` and trackers.
     """
 
     ctx: Context
@@ -154,7 +177,7 @@ class StageLoop:
     state: TrainerState = dataclasses.field(default_factory=TrainerState)
     best: dict | None = None
     window: LogWindow = dataclasses.field(default_factory=LogWindow)
-    progress: tqdm | None = None
+    history: History | None = None
     wall_start: float = 0.0
     wall_before: float = 0.0
 
@@ -185,15 +208,21 @@ class StageLoop:
         if checkpoint is not None:
             self.accelerator.load_state(str(checkpoint))
             self.state = TrainerState(**json.loads((checkpoint / TRAINER_STATE_FILE).read_text()))
-            self.accelerator.print(f"[{self.stage.name}] resumed from {checkpoint} at step {self.state.global_step}")
+            window_file = checkpoint / WINDOW_FILE.format(self.accelerator.process_index)
+            if window_file.is_file():
+                self.window = LogWindow.from_json(json.loads(window_file.read_text()), self.accelerator.device)
+            self.ctx.console.write(f"[{self.stage.name}] resumed from {checkpoint} at step {self.state.global_step}")
         best_file = self.partial / BEST_DIR / BEST_STATE_FILE
         self.best = json.loads(best_file.read_text()) if best_file.is_file() else None
+        self.history = History(self.accelerator, self.stage.name, self.partial,
+                               self.ctx.console.step_offset(self.stage.name))
+        self.history.truncate(self.state.global_step)
+        self.accelerator.wait_for_everyone()
 
     def run(self) -> None:
         """Train from the current step to the end of the last epoch, then make sure a best model was saved."""
         args, start_step = self.ctx.args, self.state.global_step
-        self.progress = tqdm(total=self.total_steps, initial=start_step, desc=self.stage.name,
-                             disable=not self.accelerator.is_local_main_process)
+        self.ctx.console.open_bar(self.total_steps, start_step)
         self.wall_start, self.wall_before = time.perf_counter(), self.state.wall_seconds
         eval_points = self.eval_points()
         self.model.train()
@@ -205,16 +234,16 @@ class StageLoop:
             else:
                 batches = self.train_dataloader
             for batch in batches:
-                loss, elapsed = self.train_step(batch)
-                self.after_step(batch, loss, elapsed, eval_points)
+                loss, parts, elapsed = self.train_step(batch)
+                self.after_step(batch, loss, parts, elapsed, eval_points)
             start_step = self.state.global_step
-        self.progress.close()
+        self.ctx.console.close_bar()
         if self.best is None:
             self.evaluate_and_keep_best()
         self.update_wall_seconds()
 
-    def train_step(self, batch: dict) -> tuple[torch.Tensor, float]:
-        """One optimizer step on ``batch``; returns the loss and the step's seconds."""
+    def train_step(self, batch: dict) -> tuple[torch.Tensor, dict, float]:
+        """One optimizer step on ``batch``; returns the loss, its parts and the step's seconds."""
         accelerator = self.accelerator
         step_start = time.perf_counter()
         teacher_outputs = None
@@ -223,21 +252,22 @@ class StageLoop:
                 teacher_outputs = self.teacher(**batch, **self.forward_kwargs)
         outputs = self.model(**batch, **self.forward_kwargs)
         loss = self.loss_fn(outputs, teacher_outputs, batch)
+        loss, parts = loss if isinstance(loss, tuple) else (loss, {})
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(self.model.parameters(), self.ctx.args.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()
-        return loss, time.perf_counter() - step_start
+        return loss, parts, time.perf_counter() - step_start
 
-    def after_step(self, batch: dict, loss: torch.Tensor, elapsed: float, eval_points: set[int]) -> None:
+    def after_step(self, batch: dict, loss: torch.Tensor, parts: dict, elapsed: float, eval_points: set[int]) -> None:
         """Count the step, then log, evaluate and checkpoint when their step comes."""
         args = self.ctx.args
         self.state.global_step += 1
         self.state.train_seconds += elapsed
-        self.window.add(int(batch["attention_mask"].sum()), elapsed, loss.detach().float())
-        self.progress.update(1)
+        self.window.add(int(batch["attention_mask"].sum()), elapsed, loss.detach().float(), parts)
         step = self.state.global_step
+        self.ctx.console.step(step)
         if step % args.logging_steps == 0 or step == self.total_steps:
             self.log(step)
         if (step - 1) % self.steps_per_epoch + 1 in eval_points:
@@ -249,30 +279,48 @@ class StageLoop:
     def update_wall_seconds(self) -> None:
         self.state.wall_seconds = self.wall_before + time.perf_counter() - self.wall_start
 
+    def epoch_at(self, step: int) -> float:
+        return step / self.steps_per_epoch
+
     def log(self, step: int) -> None:
-        """Log the mean loss and tokens/s of the steps since the last log (all processes) and start a new window."""
-        accelerator, window = self.accelerator, self.window
+        """Log the mean loss (and its parts) and tokens/s of the steps since the last log (all processes) to the
+        console and the history, and start a new window."""
+        accelerator, window, console = self.accelerator, self.window, self.ctx.console
         tokens = int(accelerator.reduce(torch.tensor(window.tokens, device=accelerator.device), "sum"))
         mean_loss = float(accelerator.reduce(window.loss / window.steps, "mean"))
+        parts = {name: float(accelerator.reduce(total / window.steps, "mean")) for name, total in window.parts.items()}
         self.state.tokens += tokens
         rate = tokens / max(window.seconds, 1e-9)
-        self.progress.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{rate:.0f}")
-        accelerator.print(f"[{self.stage.name}] step {step}/{self.total_steps} loss {mean_loss:.4f} "
-                          f"lr {self.scheduler.get_last_lr()[0]:.2e} tokens/s {rate:.0f}")
+        lr = self.scheduler.get_last_lr()[0]
+        self.update_wall_seconds()
+        self.history.train(step, self.epoch_at(step), {"loss": mean_loss, **parts, "lr": lr,
+                                                       "tokens_per_second": rate,
+                                                       "wall_seconds": self.state.wall_seconds})
+        eta = console.run_eta(step)
+        run_left = "" if eta is None else f", run ETA {format_seconds(eta)}"
+        console.show(loss=f"{mean_loss:.4f}", tok_s=f"{rate:.0f}",
+                     **({} if eta is None else {"run_left": format_seconds(eta)}))
+        part_text = "" if not parts else " (" + ", ".join(f"{name} {value:.4f}" for name, value in parts.items()) + ")"
+        console.write(f"[{self.stage.name}] step {step}/{self.total_steps} loss {mean_loss:.4f}{part_text} "
+                      f"lr {lr:.2e} tokens/s {rate:.0f}{run_left}")
         self.window = LogWindow()
 
     def evaluate_and_keep_best(self) -> None:
         """Evaluate on the dev set; on an improvement of the main metric save the model to ``best/``."""
-        accelerator, spec = self.accelerator, self.ctx.spec
-        metrics = evaluate(accelerator, self.model, self.eval_dataloader, spec)
+        accelerator, spec, console, step = self.accelerator, self.ctx.spec, self.ctx.console, self.state.global_step
+        started = time.perf_counter()
+        with console.status("evaluating on dev"):
+            metrics = evaluate(accelerator, self.model, self.eval_dataloader, spec)
         line = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "eval_samples")
         previous = None if self.best is None else self.best["metrics"][spec.main_metric]
         improved = is_better(metrics[spec.main_metric], previous)
-        accelerator.print(f"[{self.stage.name}] step {self.state.global_step}/{self.total_steps} dev {line}"
-                          f"{' (best)' if improved else ''}")
+        self.history.evaluation(step, self.epoch_at(step), metrics, improved)
         if improved:
-            self.best = {"metrics": metrics, "step": self.state.global_step}
-            self.save_best()
+            self.best = {"metrics": metrics, "step": step}
+            with console.status("saving the best model"):
+                self.save_best()
+        console.write(f"[{self.stage.name}] step {step}/{self.total_steps} dev {line}"
+                      f"{' (best, saved)' if improved else ''} in {time.perf_counter() - started:.1f} s")
 
     def save_best(self) -> None:
         """Replace ``best/`` with the current model and ``best_state.json`` (main process)."""
@@ -283,6 +331,7 @@ class StageLoop:
                 shutil.rmtree(staging)
             self.save_model(accelerator.unwrap_model(self.model), staging)
             write_json(staging / BEST_STATE_FILE, self.best)
+            keep_umask_modes(staging)
             replace_dir(staging, self.partial / BEST_DIR)
         accelerator.wait_for_everyone()
 
@@ -290,13 +339,21 @@ class StageLoop:
         """``accelerator.save_state`` to ``checkpoints/step_N``, then the trainer state; older checkpoints go."""
         accelerator, checkpoints = self.accelerator, self.partial / CHECKPOINTS_DIR
         directory = checkpoints / f"step_{self.state.global_step}"
-        accelerator.save_state(str(directory))
-        if accelerator.is_main_process:
-            write_json(directory / TRAINER_STATE_FILE, dataclasses.asdict(self.state))
-            for old in checkpoints.glob("step_*"):
-                if old != directory:
-                    shutil.rmtree(old)
-        accelerator.wait_for_everyone()
+        started = time.perf_counter()
+        with self.ctx.console.status("saving a checkpoint"):
+            accelerator.save_state(str(directory))
+            write_json(directory / WINDOW_FILE.format(accelerator.process_index), self.window.to_json())
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                keep_umask_modes(directory)
+                # Written last: a checkpoint with its trainer state is complete.
+                write_json(directory / TRAINER_STATE_FILE, dataclasses.asdict(self.state))
+                for old in checkpoints.glob("step_*"):
+                    if old != directory:
+                        shutil.rmtree(old)
+            accelerator.wait_for_everyone()
+        self.ctx.console.write(f"[{self.stage.name}] checkpoint {directory.name} saved in "
+                               f"{time.perf_counter() - started:.1f} s")
 
     def record(self) -> dict:
         """The stage's training record: best metrics and step, steps, tokens, seconds and tokens/s."""
@@ -327,7 +384,8 @@ def train_stage(
     """Train ``model`` for one stage and keep its best dev checkpoint in ``<stage>.partial/best``.
 
     Each step runs ``teacher`` (frozen, eval mode, no grad; optional) and ``model`` on the batch with
-    ``forward_kwargs`` and minimises ``loss_fn(model_outputs, teacher_outputs, batch)`` with AdamW (weight decay on
+    ``forward_kwargs`` and minimises ``loss_fn(model_outputs, teacher_outputs, batch)`` (the loss, or the loss and a
+    dict of its parts, which the history logs) with AdamW (weight decay on
     matrices), linear warm-up over ``--warmup_ratio`` of the steps then linear decay, and gradient clipping.
     The dev set is evaluated ``--evals_per_epoch`` times per epoch; every improvement of the task's main metric is
     saved with ``save_model(unwrapped_model, directory)`` (main process). ``optimizer_hook`` receives the torch

