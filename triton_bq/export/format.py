@@ -13,14 +13,21 @@ import copy
 import torch
 from torch import nn
 
-from triton_bq.nn.attention import QuantSelfAttentionMixin
+from triton_bq.convert import record_quantization
+from triton_bq.nn.attention import QuantSelfAttentionMixin, quantize_attention
 from triton_bq.nn.embedding import QuantEmbedding
-from triton_bq.nn.linear import QuantLinear
-from triton_bq.nn.packed import PackedEmbedding, PackedLinear, PackedSplitLinear, pack_split_linear
+from triton_bq.nn.linear import BinaryLinear, QuantLinear, TernaryLinear
+from triton_bq.nn.packed import (
+    PackedEmbedding,
+    PackedLinear,
+    PackedSplitLinear,
+    act_quantizer_from_entry,
+    pack_split_linear,
+)
 from triton_bq.nn.split import SplitBinaryEmbedding, SplitBinaryLinear
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_NAME", "WEIGHTS_NAME", "pack_model", "manifest_modules",
-           "packed_parts", "packed_state_dict"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_NAME", "WEIGHTS_NAME", "build_modules", "pack_model",
+           "manifest_modules", "packed_parts", "packed_state_dict", "tied_keys"]
 
 
 WEIGHTS_NAME = "model.safetensors"
@@ -32,7 +39,8 @@ MANIFEST_NAME = "packed.json"
 FORMAT = "triton_bq.packed"
 
 
-FORMAT_VERSION = 1
+# 2: the manifest records each file's size and sha256, and the state-dict keys written once for tied tensors.
+FORMAT_VERSION = 2
 
 
 _PACKED_TYPES = (PackedLinear, PackedSplitLinear, PackedEmbedding)
@@ -94,6 +102,7 @@ def pack_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         if not name:
             return _to_packed(target)
         target.set_submodule(name, _to_packed(module))
+    record_quantization(target)
     return target
 
 
@@ -135,3 +144,109 @@ def manifest_modules(model: nn.Module, packed: dict[str, nn.Module]) -> dict:
                 "act_signed": True if quantizer is None else quantizer.signed,
             }
     return modules
+
+
+def tied_keys(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{key: first key}`` for every state-dict entry that is the same tensor (same storage, offset, shape and
+    strides) as an earlier entry: a tied weight, written once under its first key."""
+    first: dict[tuple, str] = {}
+    tied = {}
+    for key, tensor in state.items():
+        if tensor.device.type == "meta" or tensor.numel() == 0:
+            continue
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                    tuple(tensor.stride()), tensor.dtype)
+        if identity in first:
+            tied[key] = first[identity]
+        else:
+            first[identity] = key
+    return tied
+
+
+_LINEAR_CLASSES = {"QuantLinear": QuantLinear, "BinaryLinear": BinaryLinear, "TernaryLinear": TernaryLinear}
+_LINEAR_OPTIONS = ("weight_method", "granularity", "ste", "act_bits", "act_method", "act_signed")
+
+
+def _linear_options(entry: dict, backend: str | None) -> dict:
+    options = {key: entry[key] for key in _LINEAR_OPTIONS}
+    options["backend"] = backend or entry.get("backend", "auto")
+    return options
+
+
+def _packed_linear_from_entry(entry: dict, device, backend: str) -> PackedLinear:
+    return PackedLinear(
+        entry["in_features"], entry["out_features"], entry["bits"], entry["parts"], entry["granularity"],
+        entry["bias"], act_quantizer_from_entry(entry["act"]), device=device, backend=backend,
+    )
+
+
+def _split_linear_from_entry(original: nn.Module, entry: dict, device, backend: str | None) -> SplitBinaryLinear:
+    halves = []
+    for half in ("half1", "half2"):
+        options = _linear_options(entry[half], backend)
+        options.pop("weight_method")
+        halves.append(BinaryLinear(original.in_features, original.out_features, entry["bias"], device=device,
+                                   **options))
+    return SplitBinaryLinear.from_halves(*halves)
+
+
+def _rebuilt(name: str, original: nn.Module, entry: dict, device, backend: str | None) -> nn.Module:
+    kind = entry.get("type")
+    if kind == "PackedLinear":
+        return _packed_linear_from_entry(entry, device, backend or "auto")
+    if kind == "PackedSplitLinear":
+        return PackedSplitLinear(*(_packed_linear_from_entry(entry[half], device, backend or "auto")
+                                   for half in ("half1", "half2")))
+    if kind == "PackedEmbedding":
+        return PackedEmbedding(entry["num_embeddings"], entry["embedding_dim"], entry["bits"], entry["padding_idx"],
+                               device=device, dtype=getattr(torch, entry["dtype"]), parts=entry["parts"])
+    if kind == "QuantLinear":
+        if not isinstance(original, nn.Linear):
+            raise ValueError(f"module {name!r} is a {type(original).__name__}, the record makes a QuantLinear of an "
+                             "nn.Linear")
+        linear_class = _LINEAR_CLASSES[entry.get("class", "QuantLinear")]
+        return linear_class.from_linear(original, **_linear_options(entry, backend))
+    if kind == "QuantEmbedding":
+        if not isinstance(original, nn.Embedding):
+            raise ValueError(f"module {name!r} is a {type(original).__name__}, the record makes a QuantEmbedding of "
+                             "an nn.Embedding")
+        return QuantEmbedding.from_embedding(original, weight_method=entry["weight_method"], ste=entry["ste"])
+    if kind == "SplitBinaryLinear":
+        return _split_linear_from_entry(original, entry, device, backend)
+    if kind == "SplitBinaryEmbedding":
+        return SplitBinaryEmbedding(original.num_embeddings, original.embedding_dim, original.padding_idx,
+                                    device=device, dtype=original.weight.dtype, ste=entry["ste"])
+    raise ValueError(f"unknown module type {kind!r} for {name!r}")
+
+
+def build_modules(model: nn.Module, modules: dict[str, dict], *, device=None, backend: str | None = None,
+                  source: str = "the record") -> nn.Module:
+    """Rebuild, in place, the quantized / split / packed modules and quantized attention that ``modules`` describes
+    (the ``modules`` of a packed manifest or of ``triton_bq.convert.quantization_record``) on ``model``, a model of
+    the original full-precision structure (already narrowed if it was). New tensors are created on ``device``
+    (default: that of the module replaced; e.g. ``meta`` before a Hugging Face load) and are to be overwritten by a
+    state dict. ``backend`` overrides the recorded one. ``source`` names the description in errors."""
+    if not isinstance(modules, dict):
+        raise ValueError(f"{source}: modules must be a dict of module name -> entry, got {type(modules).__name__}")
+    names = {name for name, _ in model.named_modules()}
+    unknown = sorted(name for name in modules if name not in names)
+    if unknown:
+        raise ValueError(f"{source} names modules that {type(model).__name__} does not have: {unknown[:5]} (a "
+                         f"record of another architecture, or of a model with another head)")
+    # Attention first: its quantizers are added while query/key/value are still nn.Linear.
+    for name, entry in modules.items():
+        if entry.get("type") == "QuantSelfAttention":
+            quantize_attention(model.get_submodule(name), entry["act_bits"])
+    for name, entry in modules.items():
+        if entry.get("type") == "QuantSelfAttention":
+            continue
+        original = model.get_submodule(name)
+        tensor = next(iter(original.parameters()), None)
+        target = device if device is not None else (tensor.device if tensor is not None else torch.device("cpu"))
+        module = _rebuilt(name, original, entry, target, backend)
+        module.to(target)
+        if name:
+            model.set_submodule(name, module)
+        else:
+            return module
+    return model
