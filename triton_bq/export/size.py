@@ -15,9 +15,9 @@ so it also works on meta-device models:
   ``initialized`` flag). Non-persistent buffers such as BERT's ``position_ids`` are rebuilt at load.
 
 Parameters are counted once each, so tied weights count once; a Parameter that one module quantizes and another
-uses in full precision (a quantized word embedding tied to an LM head) is stored once packed and once in fp32. ``fp32_bytes`` is ``4 * numel`` of the model's own
-Parameters (its latent checkpoint in fp32: both halves of a split layer, both biases), with no scales, plus the
-persistent buffers at their own size. MB means 10^6 bytes, MiB 2^20.
+uses in full precision (a quantized word embedding tied to an LM head) is stored once packed and once in fp32.
+``fp32_bytes`` is ``4 * numel`` of the model's own Parameters (its latent checkpoint in fp32: both halves of a split
+layer, both biases), with no scales, plus the persistent buffers at their own size. MB means 10^6 bytes, MiB 2^20.
 """
 
 from __future__ import annotations
