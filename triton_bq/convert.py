@@ -234,24 +234,34 @@ def _existing_record(config) -> dict | None:
     return existing if existing.get("quant_method") == QUANT_METHOD else None
 
 
-def _compose_plans(first: dict | None, second: dict | None) -> dict | None:
-    """The plan of shrinking by ``first`` then by ``second`` (whose indices count the heads/neurons ``first`` kept)."""
+def _compose_plans(first: dict | None, second: dict | None, counts_before: dict | None = None) -> dict | None:
+    """The plan of shrinking by ``first`` then by ``second`` (whose indices count the heads/neurons ``first`` kept).
+
+    ``counts_before``: ``{layer: (heads, neurons)}`` of the model ``second`` was applied to; when ``first`` did not
+    leave those counts, ``first`` is a stale record (a config read from disk onto a full-width model) and
+    ``second`` alone describes the model."""
     if first is None or second is None:
         return second or first
+    if counts_before is not None and any(
+        layer not in first or (len(first[layer]["heads"]), len(first[layer]["neurons"])) != counts_before[layer]
+        for layer in second
+    ):
+        return second
     return {layer: {key: [first[layer][key][index] for index in kept[key]] for key in ("heads", "neurons")}
             for layer, kept in second.items()}
 
 
-def record_quantization(model: nn.Module, *, width_plan: dict | None = None,
+def record_quantization(model: nn.Module, *, width_plan: dict | None = None, width_counts: dict | None = None,
                         quant_config: QuantConfig | None = None) -> None:
     """Refresh ``model.config.quantization_config`` (Hugging Face models only: those with a ``config`` that has
     ``to_dict``) with ``quantization_record(model)``, keeping the width plan and options recorded earlier
-    (``width_plan``: the plan just applied, composed with an earlier one). Removes it when nothing is left."""
+    (``width_plan``: the plan just applied to a model with ``width_counts`` ``{layer: (heads, neurons)}``, composed
+    with an earlier one). Removes it when nothing is left."""
     config = getattr(model, "config", None)
     if not callable(getattr(config, "to_dict", None)):
         return
     existing = _existing_record(config) or {}
-    plan = _compose_plans(existing.get("width_plan"), width_plan)
+    plan = _compose_plans(existing.get("width_plan"), width_plan, width_counts)
     record = quantization_record(model, plan, None)
     record["quant_config"] = dataclasses.asdict(quant_config) if quant_config else existing.get("quant_config")
     if record["modules"] or record["width_plan"]:

@@ -203,6 +203,8 @@ def shrink_width_(model: nn.Module, plan_or_width: dict | float = 0.5) -> dict[s
     layers = dict(bert_layers(model))
     if set(plan) != set(layers):
         raise ValueError(f"the plan names layers {sorted(plan)}, the model has {sorted(layers)}")
+    counts = {name: (layer.attention.self.num_attention_heads, layer.intermediate.dense.out_features)
+              for name, layer in layers.items()}
     for name, kept in plan.items():
         layer = layers[name]
         attention = layer.attention.self
@@ -219,7 +221,7 @@ def shrink_width_(model: nn.Module, plan_or_width: dict | float = 0.5) -> dict[s
         _select(layer.output.dense, neuron_index, 1)
     applied = {name: {"heads": sorted(kept["heads"]), "neurons": sorted(kept["neurons"])}
                for name, kept in plan.items()}
-    record_quantization(model, width_plan=applied)
+    record_quantization(model, width_plan=applied, width_counts=counts)
     return applied
 
 
