@@ -190,6 +190,11 @@ def _module_entry(module: nn.Module) -> dict | None:
         return {"type": "QuantSelfAttention", "act_bits": None if quantizer is None else quantizer.bits}
     if isinstance(module, _PACKED):
         return module.manifest_entry()
+    if isinstance(module, (SplitBinaryLinear, SplitBinaryEmbedding)) and not all(
+        isinstance(half, (QuantLinear, QuantEmbedding)) for half in module.halves()
+    ):
+        # Halves made full precision by dequantize_: no loader rebuilds this, so loading it fails by name.
+        return {"type": f"dequantized {type(module).__name__}"}
     if isinstance(module, SplitBinaryLinear):
         return {"type": "SplitBinaryLinear", "bias": module.half1.bias is not None,
                 "half1": linear_entry(module.half1), "half2": linear_entry(module.half2)}
