@@ -157,7 +157,8 @@ def _act_row_params_kernel(
     METHOD: tl.constexpr, QMAX: tl.constexpr, OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Per-token (zero, step) of BLOCK_M rows of clamp(x, lo, hi), stored at out[OFFSET + 2 * m]; program 0 also
-    stores (lo, hi, 0, 0). sym: step = max|x_c| / qmax; asym: zero = min(min x_c, 0), step = (max(max x_c, 0) - zero) / qmax."""
+    stores (lo, hi, 0, 0). sym: step = max|x_c| / qmax; asym: zero = min(min x_c, 0),
+    step = (max(max x_c, 0) - zero) / qmax."""
     pid = tl.program_id(0)
     lo = tl.load(clip_ptr).to(tl.float32)
     hi = tl.load(clip_ptr + stride_clip).to(tl.float32)

@@ -18,6 +18,7 @@ PUBLIC = {
     "SplitBinaryEmbedding",
     "SplitBinaryLinear",
     "TernaryLinear",
+    "TritonBQConfig",
     "attach_optimizer",
     "capture_attention_scores",
     "choose_splits",

@@ -2,6 +2,8 @@
 
 - ``glue.py``: the entry point, the command-line options and ``main``.
 - ``runner.py``: what each kind of stage does (teacher, distill, split) and the run of every planned stage.
+- ``export.py``: every final model as a packed Hugging Face folder with its tokenizer and model card, under
+  ``<output_dir>/export/<stage>/``.
 - ``launch.py``: the CPU re-launch of ``accelerate launch --cpu`` and the setup of a run's ``Context``.
 - ``report.py``: ``report.json``, ``report.md`` and the run folder's size.
 - ``plots.py``: the report's figures (training curves, metric against size).

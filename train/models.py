@@ -25,7 +25,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 
 from train.context import QUANT_FILE, Context, keep_umask_modes, write_json
 from train.stages import Stage
-from triton_bq import QuantConfig, quantize_
+from triton_bq import QuantConfig, quantize_, save_packed
 from triton_bq.export.size import packed_size_bytes
 from triton_bq.recipe.distill import attention_scores_loss, hidden_states_loss, logits_loss, record_attention_scores
 from triton_bq.recipe.tws import split_ternary_to_binary
@@ -107,13 +107,24 @@ def read_quantization(directory: Path) -> dict:
     return json.loads((directory / QUANT_FILE).read_text())
 
 
-def save_student(model: nn.Module, directory: Path, quantization: dict) -> None:
-    """Save a quantized student: its config, latent state dict (safetensors) and ``quantization.json``."""
+def save_student(model: nn.Module, directory: Path, quantization: dict, tokenizer=None) -> None:
+    """Save a quantized student: its config (with the quantized structure as its ``quantization_config``, so that
+    after ``import triton_bq`` the folder loads with ``from_pretrained``), latent state dict (safetensors),
+    ``quantization.json`` and the tokenizer when given."""
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(directory)
-    save_model(model, str(directory / "model.safetensors"))
+    save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
     write_json(directory / QUANT_FILE, quantization)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
     keep_umask_modes(directory)
+
+
+def save_packed_student(model: nn.Module, directory: Path) -> dict:
+    """Export a quantized student as a packed Hugging Face folder (``triton_bq.save_packed``); returns its sizes."""
+    sizes = save_packed(model, directory)
+    keep_umask_modes(directory)
+    return sizes
 
 
 def load_student(directory: Path) -> nn.Module:

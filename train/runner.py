@@ -19,6 +19,7 @@ from pathlib import Path
 from accelerate.utils import set_seed
 
 from train.context import BEST_DIR, Context, keep_umask_modes, replace_dir
+from train.export import export_final_models
 from train.launch import build_context
 from train.loop import evaluate_model, train_stage
 from train.models import (
@@ -92,7 +93,7 @@ def run_distill(ctx: Context, stage: Stage) -> dict:
                                                 ctx.spec.is_regression, accelerator.device)
     record = train_stage(
         ctx, stage, student, teacher=teacher, loss_fn=loss_fn, forward_kwargs=forward_kwargs,
-        save_model=lambda unwrapped, directory: save_student(unwrapped, directory, quantization),
+        save_model=lambda unwrapped, directory: save_student(unwrapped, directory, quantization, ctx.tokenizer),
     )
     best = load_student(ctx.partial_dir(stage.name) / BEST_DIR)
     record.update(model=BEST_DIR, metrics=record["best_metrics"], size_bytes=model_size_bytes(best),
@@ -111,7 +112,7 @@ def run_split(ctx: Context, stage: Stage) -> dict:
     partial = start_partial(ctx, stage)
     model, quantization = split_student(ctx.stage_dir(stage.init_from) / BEST_DIR)
     if accelerator.is_main_process:
-        save_student(model, partial / f"{BEST_DIR}.tmp", quantization)
+        save_student(model, partial / f"{BEST_DIR}.tmp", quantization, ctx.tokenizer)
         replace_dir(partial / f"{BEST_DIR}.tmp", partial / BEST_DIR)
     accelerator.wait_for_everyone()
     # Evaluate the reloaded split model: it must match the ternary student it came from.
@@ -168,6 +169,7 @@ def run_pipeline(args: argparse.Namespace) -> dict:
         for removed in remove_unneeded_models(ctx, stages):
             console.write(f"[{stage.name}] removed {removed} (no planned stage starts from it any more; "
                           f"--keep_checkpoints all keeps it)")
+    export_final_models(ctx, stages)
     if accelerator.is_main_process:
         keep_umask_modes(ctx.output_dir)
     report = write_report(ctx, stages, time.perf_counter() - run_start)

@@ -11,6 +11,8 @@ Public API (everything else is private):
   ``measure_split_sensitivity``, ``choose_splits``.
 - Half-width students (heads and FFN neurons kept by importance): ``shrink_width_``.
 - Distillation: ``DistillationLoss``, ``distill_loss``, ``record_attention_scores``, ``capture_attention_scores``.
+- Hugging Face: ``TritonBQConfig`` (registered with transformers on import: ``from_pretrained`` quantizes a
+  full-precision checkpoint with it, and loads what ``save_pretrained`` / ``save_packed`` wrote).
 - True size and packed inference: ``model_size_report``, ``pack_model``, ``save_packed``, ``load_packed``,
   ``PackedLinear``, ``PackedSplitLinear``, ``PackedEmbedding``, ``packed_linear``.
 - Modules for the details (layers in ``docs/architecture.md``): ``triton_bq.reference`` (pure-PyTorch quantizers,
@@ -22,6 +24,7 @@ Public API (everything else is private):
 from triton_bq import reference
 from triton_bq.convert import QuantConfig, dequantize_, quantize_
 from triton_bq.export.format import pack_model
+from triton_bq.export.hf import TritonBQConfig
 from triton_bq.export.io import load_packed, save_packed
 from triton_bq.export.size import model_size_report
 from triton_bq.nn import (
@@ -60,6 +63,7 @@ __all__ = [
     "SplitBinaryEmbedding",
     "SplitBinaryLinear",
     "TernaryLinear",
+    "TritonBQConfig",
     "attach_optimizer",
     "capture_attention_scores",
     "choose_splits",

@@ -1,4 +1,10 @@
-"""Module swap: ``quantize_(model, config, filter_fn)`` turns a full-precision model into a QAT model in place."""
+"""Module swap: ``quantize_(model, config, filter_fn)`` turns a full-precision model into a QAT model in place.
+
+Every function that changes a Hugging Face model's structure (``quantize_``, ``dequantize_``, ternary weight splitting,
+width shrinking, packing) refreshes ``model.config.quantization_config`` with ``quantization_record(model)``: the
+quantized modules by name and how to rebuild them. ``model.save_pretrained`` writes it into ``config.json``, and
+``from_pretrained`` rebuilds the same modules before the weights load (``triton_bq.export.hf``).
+"""
 
 from __future__ import annotations
 
@@ -27,10 +33,16 @@ from triton_bq.nn.attention import (
 )
 from triton_bq.nn.embedding import QuantEmbedding, dequantize_embedding, quantize_embedding
 from triton_bq.nn.linear import BinaryLinear, QuantConv1D, QuantLinear, TernaryLinear
+from triton_bq.nn.packed import PackedEmbedding, PackedLinear, PackedSplitLinear
 from triton_bq.nn.split import SplitBinaryEmbedding, SplitBinaryLinear
 from triton_bq.options import ACT_GRANULARITIES, GRANULARITIES, STES, WEIGHT_METHODS, check_choice
 
-__all__ = ["QuantConfig", "default_filter", "dequantize_", "quantize_"]
+__all__ = ["QUANT_METHOD", "RECORD_VERSION", "QuantConfig", "default_filter", "dequantize_", "linear_entry",
+           "quantization_record", "quantize_", "record_quantization", "attention_entry"]
+
+# ``quant_method`` of triton_bq's Hugging Face quantization config, and the version of the record's layout.
+QUANT_METHOD = "triton_bq"
+RECORD_VERSION = 1
 
 
 @dataclasses.dataclass
@@ -313,6 +325,7 @@ def quantize_(
             f"only. Kept in full precision: {_full_precision_report(model)}",
             stacklevel=2,
         )
+    record_quantization(model, quant_config=config)
     return model
 
 
@@ -369,4 +382,122 @@ def dequantize_(model: nn.Module) -> nn.Module:
             _replace(model, module, dequantize_embedding(module))
         elif isinstance(module, QuantSelfAttentionMixin):
             dequantize_attention(module)
+    record_quantization(model)
     return model
+
+
+def linear_entry(module: QuantLinear) -> dict:
+    """How to rebuild the ``QuantLinear`` ``module``: its class and options (not its initial clip: that is a
+    Parameter, loaded with the weights)."""
+    quantizer = module.act_quantizer
+    return {
+        "type": "QuantLinear", "class": type(module).__name__ if type(module) in _LINEAR_CLASSES else "QuantLinear",
+        "weight_method": module.weight_method, "granularity": module.granularity, "ste": module.ste,
+        "act_bits": None if quantizer is None else quantizer.bits,
+        "act_method": None if quantizer is None else quantizer.method,
+        "act_signed": True if quantizer is None else quantizer.signed, "backend": module.backend,
+        "act_granularity": "per_tensor" if quantizer is None else quantizer.granularity,
+        "act_sync": True if quantizer is None else quantizer.sync,
+    }
+
+
+def attention_entry(module: QuantSelfAttentionMixin) -> dict:
+    """How to re-apply ``quantize_attention`` to the attention ``module``: bits, granularity and sync."""
+    quantizer = getattr(module, "query_quantizer", None)
+    return {"type": "QuantSelfAttention", "act_bits": None if quantizer is None else quantizer.bits,
+            "act_granularity": "per_tensor" if quantizer is None else quantizer.granularity,
+            "act_sync": True if quantizer is None else quantizer.sync}
+
+
+_LINEAR_CLASSES = (QuantLinear, BinaryLinear, TernaryLinear, QuantConv1D)
+_PACKED = (PackedLinear, PackedSplitLinear, PackedEmbedding)
+
+
+def _module_entry(module: nn.Module) -> dict | None:
+    if isinstance(module, QuantSelfAttentionMixin):
+        return attention_entry(module)
+    if isinstance(module, _PACKED):
+        return module.manifest_entry()
+    if isinstance(module, (SplitBinaryLinear, SplitBinaryEmbedding)) and not all(
+        isinstance(half, (QuantLinear, QuantEmbedding)) for half in module.halves()
+    ):
+        # Halves made full precision by dequantize_: no loader rebuilds this, so loading it fails by name.
+        return {"type": f"dequantized {type(module).__name__}"}
+    if isinstance(module, SplitBinaryLinear):
+        return {"type": "SplitBinaryLinear", "bias": module.half1.bias is not None,
+                "half1": linear_entry(module.half1), "half2": linear_entry(module.half2)}
+    if isinstance(module, SplitBinaryEmbedding):
+        return {"type": "SplitBinaryEmbedding", "ste": module.half1.ste}
+    if isinstance(module, QuantLinear):
+        return linear_entry(module)
+    if isinstance(module, QuantEmbedding):
+        return {"type": "QuantEmbedding", "weight_method": module.weight_method, "ste": module.ste}
+    return None
+
+
+def quantization_record(model: nn.Module, width_plan: dict | None = None, quant_config: QuantConfig | None = None
+                        ) -> dict:
+    """The JSON-serializable description of ``model``'s quantized structure: ``modules`` (every quantized, split
+    or packed module and quantized attention by name, outermost only, with what rebuilds it), ``width_plan`` (the
+    heads and FFN neurons a narrowed model kept, ``triton_bq.recipe.width``) and ``quant_config`` (the options of the
+    last ``quantize_``, for reference). Empty ``modules`` and no plan: a plain model."""
+    modules: dict[str, dict] = {}
+    outer: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in outer):
+            continue
+        entry = _module_entry(module)
+        if entry is not None:
+            modules[name] = entry
+            if not isinstance(module, QuantSelfAttentionMixin):
+                outer.append(name)
+    return {
+        "quant_method": QUANT_METHOD, "version": RECORD_VERSION,
+        "format": "packed" if any(isinstance(module, _PACKED) for module in model.modules()) else "latent",
+        "modules": modules, "width_plan": width_plan,
+        "quant_config": None if quant_config is None else dataclasses.asdict(quant_config),
+    }
+
+
+def _existing_record(config) -> dict | None:
+    existing = getattr(config, "quantization_config", None)
+    if existing is None:
+        return None
+    existing = existing if isinstance(existing, dict) else existing.to_dict()
+    return existing if existing.get("quant_method") == QUANT_METHOD else None
+
+
+def _compose_plans(first: dict | None, second: dict | None, counts_before: dict | None = None) -> dict | None:
+    """The plan of shrinking by ``first`` then by ``second`` (whose indices count the heads/neurons ``first`` kept).
+
+    ``counts_before``: ``{layer: (heads, neurons)}`` of the model ``second`` was applied to; when ``first`` did not
+    leave those counts, ``first`` is a stale record (a config read from disk onto a full-width model) and
+    ``second`` alone describes the model."""
+    if first is None or second is None:
+        return second or first
+    if counts_before is not None and any(
+        layer not in first or (len(first[layer]["heads"]), len(first[layer]["neurons"])) != counts_before[layer]
+        for layer in second
+    ):
+        return second
+    return {layer: {key: [first[layer][key][index] for index in kept[key]] for key in ("heads", "neurons")}
+            for layer, kept in second.items()}
+
+
+def record_quantization(model: nn.Module, *, width_plan: dict | None = None, width_counts: dict | None = None,
+                        quant_config: QuantConfig | None = None) -> None:
+    """Refresh ``model.config.quantization_config`` (Hugging Face models only: those with a ``config`` that has
+    ``to_dict``) with ``quantization_record(model)``, keeping the width plan and options recorded earlier
+    (``width_plan``: the plan just applied to a model with ``width_counts`` ``{layer: (heads, neurons)}``, composed
+    with an earlier one). Removes it when nothing is left."""
+    config = getattr(model, "config", None)
+    if not callable(getattr(config, "to_dict", None)):
+        return
+    existing = _existing_record(config) or {}
+    plan = _compose_plans(existing.get("width_plan"), width_plan, width_counts)
+    record = quantization_record(model, plan, None)
+    record["quant_config"] = dataclasses.asdict(quant_config) if quant_config else existing.get("quant_config")
+    if record["modules"] or record["width_plan"]:
+        config.quantization_config = record
+    elif hasattr(config, "quantization_config"):
+        del config.quantization_config

@@ -14,9 +14,10 @@ so it also works on meta-device models:
   classifier head), biases, normalization parameters, activation clips / LSQ steps, persistent buffers (e.g. the LSQ
   ``initialized`` flag). Non-persistent buffers such as BERT's ``position_ids`` are rebuilt at load.
 
-Parameters are counted once each, so tied weights count once. ``fp32_bytes`` is ``4 * numel`` of the model's own
-Parameters (its latent checkpoint in fp32: both halves of a split layer, both biases), with no scales, plus the
-persistent buffers at their own size. MB means 10^6 bytes, MiB 2^20.
+Parameters are counted once each, so tied weights count once; a Parameter that one module quantizes and another
+uses in full precision (a quantized word embedding tied to an LM head) is stored once packed and once in fp32.
+``fp32_bytes`` is ``4 * numel`` of the model's own Parameters (its latent checkpoint in fp32: both halves of a split
+layer, both biases), with no scales, plus the persistent buffers at their own size. MB means 10^6 bytes, MiB 2^20.
 """
 
 from __future__ import annotations
@@ -140,27 +141,36 @@ class _Accountant:
     def __init__(self):
         self.entries: list[SizeEntry] = []
         self.seen: set[int] = set()
+        # A Parameter quantized in one module and used in full precision by another (a word embedding tied to the
+        # LM head) is stored twice: packed for the first, fp32 for the second. Each is counted once.
+        self.seen_fp32: set[int] = set()
+        self.seen_packed: set[int] = set()
 
     def fresh(self, *parameters) -> bool:
         return all(parameter is not None and id(parameter) not in self.seen for parameter in parameters)
 
     def fp32(self, name: str, parameter: nn.Parameter, component: str) -> None:
-        if not self.fresh(parameter):
+        """A full-precision Parameter, unless counted already (in fp32, or otherwise and not packed)."""
+        if parameter is None or id(parameter) in self.seen_fp32:
+            return
+        if id(parameter) in self.seen and id(parameter) not in self.seen_packed:
             return
         self.seen.add(id(parameter))
+        self.seen_fp32.add(id(parameter))
         numel = parameter.numel()
         self.entries.append(SizeEntry(name, component, numel, 32, FP32_BYTES * numel, FP32_BYTES * numel))
 
     def quantized(self, prefix: str, module: nn.Module) -> None:
         """The weight of a ``QuantLinear``/``QuantEmbedding`` at its method's bits, plus its fp32 scales."""
         weight = module.weight
-        if not self.fresh(weight):
-            return
         if module.weight_method is None:
             component = "fp32 embeddings" if isinstance(module, QuantEmbedding) else "fp32 linear weights"
             self.fp32(f"{prefix}weight", weight, component)
             return
+        if weight is None or id(weight) in self.seen_packed:
+            return
         self.seen.add(id(weight))
+        self.seen_packed.add(id(weight))
         bits = weight_bits(module.weight_method)
         component = "binary weights" if bits == 1 else "ternary weights"
         numel = weight.numel()
@@ -241,6 +251,8 @@ def model_size_report(model: nn.Module) -> SizeReport:
         if isinstance(module, (QuantLinear, QuantEmbedding)):
             accountant.quantized(prefix, module)
         for name, parameter in module.named_parameters(recurse=False):
+            if name == "weight" and isinstance(module, (QuantLinear, QuantEmbedding)):
+                continue
             if isinstance(module, ActQuantizer):
                 component = "activation quantizers"
             elif _is_normalization(module):

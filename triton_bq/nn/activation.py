@@ -119,17 +119,74 @@ class ActQuantizer(nn.Module):
         return f"bits={self.bits}, method={self.method!r}{signed}{granularity}"
 
 
+class _OptimizerLink:
+    """A loss-aware module's link to the optimizer whose Adam state it reads (a weak reference: the optimizer is
+    not saved with the model).
+
+    A copy of the model (``copy.deepcopy``, pickling, ``torch.save``) cannot keep the link: the copy's Parameters are
+    new objects, absent from the optimizer's state, and a weak reference does not pickle. The copy gets a
+    ``_FrozenMoment`` instead: the second moment as it is now, so the copy computes exactly what the original computes
+    at the time of the copy. A warning says so; ``attach_optimizer(copy, optimizer)`` links the copy to a new optimizer.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, weight: nn.Parameter):
+        self.optimizer = weakref.ref(optimizer)
+        self.weight = weakref.ref(weight)
+
+    def second_moment(self, weight: torch.Tensor) -> torch.Tensor | None:
+        optimizer = self.optimizer()
+        if optimizer is None:
+            return None
+        return optimizer.state.get(weight, {}).get("exp_avg_sq")
+
+    def is_alive(self) -> bool:
+        return self.optimizer() is not None
+
+    def _frozen(self) -> _FrozenMoment:
+        weight = self.weight()
+        moment = None if weight is None else self.second_moment(weight)
+        warnings.warn(
+            "copying a weight_method='lat' model: its optimizer link is replaced by a frozen copy of Adam's second "
+            "moment (same outputs as now). Call triton_bq.attach_optimizer(model, optimizer) to train the copy.",
+            stacklevel=3,
+        )
+        return _FrozenMoment(None if moment is None else moment.detach().clone())
+
+    def __deepcopy__(self, memo) -> _FrozenMoment:
+        return self._frozen()
+
+    def __reduce__(self):
+        return _FrozenMoment, (self._frozen().moment,)
+
+
+class _FrozenMoment:
+    """The second moment a copied loss-aware module keeps from its original's optimizer (``_OptimizerLink``)."""
+
+    def __init__(self, moment: torch.Tensor | None):
+        self.moment = moment
+
+    def second_moment(self, weight: torch.Tensor) -> torch.Tensor | None:
+        if self.moment is None or self.moment.shape != weight.shape:
+            return None
+        return self.moment.to(weight.device)
+
+    def is_alive(self) -> bool:
+        return True
+
+
 def attach_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Let every loss-aware (``weight_method="lat"``) module read Adam's ``exp_avg_sq`` of its weight.
 
-    Returns how many modules were linked. Keeps a weak reference: the optimizer is not saved with the model.
+    Returns how many modules were linked. Keeps a weak reference: the optimizer is not saved with the model. A copy
+    of the model (``copy.deepcopy``, pickling) keeps the second moment as it was at the copy (same outputs, with a
+    warning) until it is attached to an optimizer of its own.
     """
     if not hasattr(optimizer, "state"):
         raise TypeError(f"optimizer must be a torch optimizer with a .state, got {type(optimizer).__name__}")
     linked = 0
     for module in model.modules():
         if getattr(module, "weight_method", None) == "lat":
-            module._lat_optimizer = weakref.ref(optimizer)
+            module._lat_optimizer = _OptimizerLink(optimizer, module.weight)
             linked += 1
     return linked
 
@@ -138,11 +195,10 @@ def second_moment_of(module: nn.Module) -> torch.Tensor | None:
     """Adam's ``exp_avg_sq`` of ``module.weight`` if an optimizer is attached and has stepped, else ``None``.
 
     Without an attached optimizer the loss-aware quantizer falls back to ``D = 1`` (plain TWN-initialised
-    alternation) and warns once per module while training.
+    alternation) and warns once per module while training. A copied module reads the second moment frozen at the copy.
     """
     link = getattr(module, "_lat_optimizer", None)
-    optimizer = link() if link is not None else None
-    if optimizer is None:
+    if link is None or not link.is_alive():
         if module.training and not getattr(module, "_lat_warned", False):
             warnings.warn(
                 "weight_method='lat' without an optimizer: using D = 1. Call "
@@ -151,5 +207,4 @@ def second_moment_of(module: nn.Module) -> torch.Tensor | None:
             )
             module._lat_warned = True
         return None
-    state = optimizer.state.get(module.weight, {})
-    return state.get("exp_avg_sq")
+    return link.second_moment(module.weight)

@@ -55,6 +55,7 @@ from torch import nn
 
 from triton_bq import reference
 from triton_bq.arch import BERT_SPLIT_GROUPS
+from triton_bq.convert import record_quantization
 from triton_bq.nn.activation import second_moment_of
 from triton_bq.nn.embedding import QuantEmbedding
 from triton_bq.nn.linear import BinaryLinear, QuantConv1D, QuantLinear
@@ -374,6 +375,7 @@ def split_ternary_to_binary(
             model.set_submodule(name, new)
         else:
             replacement = new
+    record_quantization(model)
     return replacement
 
 

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from triton_bq.convert import record_quantization
 from triton_bq.nn.attention import is_bert_self_attention
 
 __all__ = ["bert_layers", "supports_width", "taylor_importance", "width_plan", "shrink_width_", "kept_heads"]
@@ -202,6 +203,8 @@ def shrink_width_(model: nn.Module, plan_or_width: dict | float = 0.5) -> dict[s
     layers = dict(bert_layers(model))
     if set(plan) != set(layers):
         raise ValueError(f"the plan names layers {sorted(plan)}, the model has {sorted(layers)}")
+    counts = {name: (layer.attention.self.num_attention_heads, layer.intermediate.dense.out_features)
+              for name, layer in layers.items()}
     for name, kept in plan.items():
         layer = layers[name]
         attention = layer.attention.self
@@ -216,7 +219,10 @@ def shrink_width_(model: nn.Module, plan_or_width: dict | float = 0.5) -> dict[s
         attention.all_head_size = rows.numel()
         _select(layer.intermediate.dense, neuron_index, 0)
         _select(layer.output.dense, neuron_index, 1)
-    return {name: {"heads": sorted(kept["heads"]), "neurons": sorted(kept["neurons"])} for name, kept in plan.items()}
+    applied = {name: {"heads": sorted(kept["heads"]), "neurons": sorted(kept["neurons"])}
+               for name, kept in plan.items()}
+    record_quantization(model, width_plan=applied, width_counts=counts)
+    return applied
 
 
 def kept_heads(model: nn.Module, plan: dict[str, dict[str, list[int]]]) -> list[list[int]]:
