@@ -248,3 +248,18 @@ def test_quantized_bert_pickles():
     assert torch.equal(_logits(loaded, inputs), expected)
     triton_bq.dequantize_(loaded)
     assert type(loaded.bert.encoder.layer[0].attention.self) is transformers.models.bert.modeling_bert.BertSelfAttention
+
+
+@pytest.mark.parametrize("action", ["split", "binarize", "pack"])
+def test_embedding_subclass_with_its_own_forward_is_never_split_or_packed_silently(action):
+    # BART's scaled embedding multiplies the lookup by embed_scale; split / binary / packed tables are plain lookups.
+    model = tiny_model("bart")
+    triton_bq.quantize_(model, triton_bq.QuantConfig(weight_method="twn", act_bits=None, backend="reference"))
+    with pytest.raises(ValueError, match=rf"cannot {action} model\.shared: it is a quantized BartScaledWordEmbedding"):
+        if action == "split":
+            triton_bq.split_ternary_to_binary(model)
+        elif action == "binarize":
+            triton_bq.split_ternary_to_binary(model, include=[])
+        else:
+            triton_bq.pack_model(model)
+    assert type(model.model.encoder.embed_tokens).__name__ == "QuantBartScaledWordEmbedding"

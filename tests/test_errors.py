@@ -8,6 +8,7 @@ import json
 import re
 
 import pytest
+import safetensors.torch
 import torch
 from tiny_bert import tiny_bert
 from torch import nn
@@ -21,7 +22,7 @@ from triton_bq import reference as ref
 from triton_bq.convert import QuantConfig, quantize_
 from triton_bq.export import format as export_format
 from triton_bq.export import size
-from triton_bq.export.format import FORMAT, FORMAT_VERSION, MANIFEST_NAME
+from triton_bq.export.format import FORMAT, MANIFEST_NAME
 from triton_bq.nn import SplitBinaryEmbedding, SplitBinaryLinear
 from triton_bq.nn.activation import ActQuantizer, attach_optimizer
 from triton_bq.nn.attention import dequantize_attention, quantize_attention
@@ -90,7 +91,7 @@ NN_CASES = [
     _case("optimizer", lambda: attach_optimizer(nn.Linear(2, 2), "adam"), TypeError,
           r"optimizer must be a torch optimizer with a \.state, got str"),
     _case("attention-module", lambda: quantize_attention(nn.Linear(2, 2)), TypeError,
-          r"module must be a BERT-style self-attention, got Linear"),
+          r"module must be a Hugging Face attention computing through transformers' attention interface, got Linear"),
     _case("dequantize-attention", lambda: dequantize_attention(nn.Linear(2, 2)), TypeError,
           r"module is not a quantized attention, got Linear"),
     _case("act-method-without-bits", lambda: QuantLinear(4, 3, act_method="sym"), ValueError,
@@ -307,9 +308,14 @@ TWS_CASES = [
           lambda: tws.split_ternary_weight(W, scale=torch.tensor(0.01), threshold=torch.tensor(0.5)), ValueError,
           r"no exact solution for 1 scale group\(s\); first: the tensor with a=0\.5 \(needs 0 < a < 1\), b=-"),
     _case("model-type", lambda: tws.split_ternary_to_binary("bert"), TypeError, r"model must be an nn.Module, got str"),
-    _case("include-string", lambda: tws.split_ternary_to_binary(nn.Linear(2, 2), include="query"), TypeError,
+    _case("no-ternary-layer", lambda: tws.split_ternary_to_binary(nn.Sequential(nn.Linear(2, 2))), ValueError,
+          r"split_ternary_to_binary: Sequential has no ternary layer \(TernaryLinear, ternary QuantConv1D or "
+          r"QuantEmbedding\) to split; its quantized layers: none"),
+    _case("include-string",
+          lambda: tws.split_ternary_to_binary(nn.Sequential(triton_bq.TernaryLinear(2, 2)), include="query"), TypeError,
           r"include must be an iterable of names, not a string, got 'query'"),
-    _case("include-unknown", lambda: tws.split_ternary_to_binary(nn.Sequential(nn.Linear(2, 2)), include=["nothing"]),
+    _case("include-unknown",
+          lambda: tws.split_ternary_to_binary(nn.Sequential(triton_bq.TernaryLinear(2, 2)), include=["nothing"]),
           ValueError, r"include names 'nothing', which is neither a ternary module nor a split candidate"),
 ]
 
@@ -535,10 +541,12 @@ def test_every_table_row_matches_more_than_a_fragment():
 
 
 def _write_manifest(directory, **fields):
-    manifest = dict(format=FORMAT, version=FORMAT_VERSION, architecture="BertForSequenceClassification", config=None,
+    # Version 1 (no file checksums) reaches the checks after the file list; test_packed_integrity covers version 2.
+    manifest = dict(format=FORMAT, version=1, architecture="BertForSequenceClassification", config=None,
                     modules={}, sizes={})
     manifest.update(fields)
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
+    safetensors.torch.save_file({}, str(directory / "model.safetensors"))
     return directory
 
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_train_glue import run_script, tiny, tiny_argv  # noqa: F401  (the pipeline tests' tiny model and data)
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -38,9 +39,18 @@ def test_the_readme_has_code_blocks():
     assert len(PYTHON_BLOCKS) >= 3 and len(BASH_BLOCKS) >= 2
 
 
+# A block that reads the main job's output runs where a tiny run of the same pipeline left it.
+PIPELINE_OUTPUT = "runs/tweets"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("line", "code"), PYTHON_BLOCKS, ids=[f"line{line}" for line, _ in PYTHON_BLOCKS])
-def test_python_block_runs(line, code, tmp_path):
+def test_python_block_runs(line, code, tmp_path, request):
+    if PIPELINE_OUTPUT in code:
+        tiny = request.getfixturevalue("tiny")
+        result = run_script(tiny_argv(tiny, tmp_path / PIPELINE_OUTPUT, "--quant", "binary", "--num_train_epochs",
+                                      "1"), timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     script = tmp_path / f"readme_line{line}.py"

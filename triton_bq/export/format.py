@@ -188,7 +188,7 @@ def _split_linear_from_entry(original: nn.Module, entry: dict, device, backend: 
     return SplitBinaryLinear.from_halves(*halves)
 
 
-def _rebuilt(name: str, original: nn.Module, entry: dict, device, backend: str | None) -> nn.Module:
+def _rebuilt(name: str, original: nn.Module, entry: dict, device, backend: str | None, source: str) -> nn.Module:
     kind = entry.get("type")
     if kind == "PackedLinear":
         return _packed_linear_from_entry(entry, device, backend or "auto")
@@ -221,7 +221,7 @@ def _rebuilt(name: str, original: nn.Module, entry: dict, device, backend: str |
     if kind == "SplitBinaryEmbedding":
         return SplitBinaryEmbedding(original.num_embeddings, original.embedding_dim, original.padding_idx,
                                     device=device, dtype=original.weight.dtype, ste=entry["ste"])
-    raise ValueError(f"unknown module type {kind!r} for {name!r}")
+    raise ValueError(f"unknown module type {kind!r} for {name!r} in {source}")
 
 
 def build_modules(model: nn.Module, modules: dict[str, dict], *, device=None, backend: str | None = None,
@@ -249,7 +249,7 @@ def build_modules(model: nn.Module, modules: dict[str, dict], *, device=None, ba
         original = model.get_submodule(name)
         tensor = next(iter(original.parameters()), None)
         target = device if device is not None else (tensor.device if tensor is not None else torch.device("cpu"))
-        module = _rebuilt(name, original, entry, target, backend)
+        module = _rebuilt(name, original, entry, target, backend, source)
         module.to(target)
         if name:
             model.set_submodule(name, module)

@@ -61,7 +61,7 @@ def _to_quant_config(options: dict) -> QuantConfig:
     if unknown:
         raise ValueError(f"quant_config has unknown fields {unknown}; QuantConfig has {sorted(fields)}")
     options = dict(options)
-    if "asym_act_names" in options:
+    if options.get("asym_act_names") is not None:
         options["asym_act_names"] = tuple(options["asym_act_names"])
     return QuantConfig(**options)
 

@@ -18,7 +18,7 @@ from triton_bq.nn.linear import check_finite_weight
 from triton_bq.nn.swap import original_class, swap_class, unswap_class
 from triton_bq.options import STES, WEIGHT_METHODS, check_choice
 
-__all__ = ["QuantEmbedding", "dequantize_embedding", "quantize_embedding"]
+__all__ = ["QuantEmbedding", "check_plain_lookup", "dequantize_embedding", "quantize_embedding"]
 
 
 class QuantEmbedding(nn.Embedding):
@@ -120,3 +120,17 @@ def dequantize_embedding(module: QuantEmbedding) -> nn.Embedding:
     for name in ("weight_method", "ste", "layer_name"):
         module.__dict__.pop(name, None)
     return unswap_class(module)
+
+
+def check_plain_lookup(module: nn.Module, action: str) -> None:
+    """Raise a ValueError when ``module`` is a quantized ``nn.Embedding`` subclass with its own ``forward`` (BART's
+    ``embed_scale``, ...): ``action`` (splitting, binarizing, packing) builds plain lookups, which would drop it."""
+    original = original_class(module)
+    if original is not None:
+        name = getattr(module, "layer_name", None) or type(module).__name__
+        raise ValueError(
+            f"cannot {action} {name}: it is a quantized {original.__name__}, whose own forward (e.g. a scale) the "
+            f"{action} result would not apply; quantize the model with QuantConfig(embedding_method=None) to keep "
+            f"this embedding in full precision"
+        )
+

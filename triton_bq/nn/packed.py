@@ -16,7 +16,7 @@ from torch import nn
 from triton_bq import reference
 from triton_bq.bitpack import PackedWeight, pack_split_binary, pack_weight, unpack_codes, words_per_row
 from triton_bq.nn.activation import ActQuantizer, second_moment_of
-from triton_bq.nn.embedding import QuantEmbedding
+from triton_bq.nn.embedding import QuantEmbedding, check_plain_lookup
 from triton_bq.nn.linear import QuantLinear
 from triton_bq.ops import KERNEL_DTYPES, packed_linear
 
@@ -285,6 +285,7 @@ class PackedEmbedding(nn.Module):
             raise TypeError(f"module must be a triton_bq.QuantEmbedding, got {type(module).__name__}")
         if module.weight_method is None:
             raise ValueError("module has weight_method=None: a full-precision table has nothing to pack")
+        check_plain_lookup(module, "pack")
         moment = second_moment_of(module) if module.weight_method == "lat" else None
         packed = pack_weight(module.weight, module.weight_method, "row", moment)
         return cls._from_packed(packed, module.padding_idx, module.weight.dtype)

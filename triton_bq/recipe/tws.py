@@ -57,7 +57,7 @@ from triton_bq import reference
 from triton_bq.arch import BERT_SPLIT_GROUPS
 from triton_bq.convert import record_quantization
 from triton_bq.nn.activation import second_moment_of
-from triton_bq.nn.embedding import QuantEmbedding
+from triton_bq.nn.embedding import QuantEmbedding, check_plain_lookup
 from triton_bq.nn.linear import BinaryLinear, QuantConv1D, QuantLinear
 from triton_bq.nn.split import SplitBinaryEmbedding, SplitBinaryLinear
 
@@ -358,6 +358,9 @@ def split_ternary_to_binary(
             else:
                 raise ValueError(f"include names {entry!r}, which is neither a ternary module nor a split candidate "
                                  f"of this model")
+    for name, module in targets:
+        if isinstance(module, QuantEmbedding):
+            check_plain_lookup(module, "split" if name in selected else "binarize")
     replacement = model
     # Layers tied to one latent weight (a word embedding and the lm_head) share its split halves too.
     halves_of: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
