@@ -232,8 +232,10 @@ def test_gpt2_latent_and_packed_with_tied_head(tmp_path):
     assert torch.equal(logits(loaded, inputs), logits(model, inputs))
     sizes = triton_bq.save_packed(model, tmp_path / "packed")
     keys = load_file(str(tmp_path / "packed" / WEIGHTS_NAME)).keys()
-    assert "lm_head.weight" in keys and "transformer.wte.weight" not in keys
-    # The size report counts what is written: the packed table and the fp32 head, each once.
+    # The head is quantized on the tied table (triton_bq.arch): one packed copy, under the embedding's keys.
+    assert "transformer.wte.packed_weight" in keys and not any(key.startswith("lm_head.") for key in keys)
+    assert "transformer.wte.weight" not in keys
+    # The size report counts what is written: the packed table once.
     assert sizes["packed_bytes"] == triton_bq.model_size_report(model).stored_bytes
     packed = triton_bq.load_packed(tmp_path / "packed")
     from_hf = CAUSAL.from_pretrained(tmp_path / "packed")
@@ -243,8 +245,8 @@ def test_gpt2_latent_and_packed_with_tied_head(tmp_path):
 
 
 def test_unquantized_tied_weights_are_written_once(tmp_path):
-    """A full-precision word embedding tied to the LM head (GPT-2's projections are Conv1D, which quantize_ leaves
-    alone, so with embedding_method=None nothing is packed) is written once and tied again at load."""
+    """A full-precision word embedding tied to the LM head (embedding_method=None; the Conv1D projections are packed)
+    is written once and tied again at load."""
     model = triton_bq.quantize_(tiny_gpt2(), QuantConfig(weight_method="bwn", embedding_method=None, act_bits=None))
     sizes = triton_bq.save_packed(model, tmp_path)
     manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())

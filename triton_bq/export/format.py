@@ -107,9 +107,29 @@ def pack_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     return target
 
 
+def _share_tied_codes(module: nn.Module, packed: nn.Module, codes_of: dict[int, nn.Module]) -> None:
+    """Layers quantized on one latent weight (a word embedding and the lm_head tied to it, both row-wise) pack to the
+    same codes and scales: the later one takes the first one's tensors, so the file holds them once (``tied_keys``)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not isinstance(packed, (PackedLinear, PackedEmbedding)):
+        return
+    first = codes_of.setdefault(id(weight), packed)
+    if first is packed:
+        return
+    same = all(getattr(first, name).shape == getattr(packed, name).shape
+               and torch.equal(getattr(first, name), getattr(packed, name))
+               for name in ("packed_weight", "weight_scale"))
+    if same:
+        packed.packed_weight, packed.weight_scale = first.packed_weight, first.weight_scale
+
+
 def packed_parts(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module]]:
     """The packed state dict of ``model`` and its packed modules by name, without copying the whole model."""
-    packed = {name: _to_packed(module) for name, module in _packable_modules(model)}
+    packed = {}
+    codes_of: dict[int, nn.Module] = {}
+    for name, module in _packable_modules(model):
+        packed[name] = _to_packed(module)
+        _share_tied_codes(module, packed[name], codes_of)
     state: dict[str, torch.Tensor] = {}
     done: set[str] = set()
     for key, tensor in model.state_dict().items():

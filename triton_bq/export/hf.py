@@ -38,8 +38,20 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from triton_bq.convert import QUANT_METHOD, RECORD_VERSION, QuantConfig, quantize_
 from triton_bq.export.format import build_modules
 from triton_bq.export.io import verify_file
+from triton_bq.nn.packed import PackedEmbedding, PackedLinear, PackedSplitLinear
 from triton_bq.recipe.tws import split_ternary_to_binary
 from triton_bq.recipe.width import shrink_width_
+
+_PACKED = (PackedLinear, PackedSplitLinear, PackedEmbedding)
+
+
+def _has_parameter(model: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        return False
+    return isinstance(getattr(module, leaf, None), nn.Parameter)
 
 __all__ = ["TritonBQConfig", "TritonBQHfQuantizer"]
 
@@ -186,6 +198,17 @@ class TritonBQHfQuantizer(HfQuantizer):
         rebuilt = build_modules(model, config.modules, source="the quantization_config of config.json")
         if rebuilt is not model:
             raise ValueError("a triton_bq record that replaces the whole model cannot load with from_pretrained")
+        # Every key is checked to come from the checkpoint (below), so nothing needs transformers' initialization; a
+        # family's _init_weights may also reach into a child's .weight (GPT-2's c_proj), which a packed layer has not.
+        for module in model.modules():
+            if any(isinstance(child, _PACKED) for child in module.children()) or isinstance(module, _PACKED):
+                module._is_hf_initialized = True
+        # transformers ties parameters by name (lm_head.weight -> wte.weight); packed layers have no .weight, and the
+        # packed file ties what it shares itself (config.tied, restored after loading).
+        tied = getattr(model, "all_tied_weights_keys", None)
+        if isinstance(tied, dict):
+            model.all_tied_weights_keys = {key: value for key, value in tied.items()
+                                           if _has_parameter(model, key) and _has_parameter(model, value)}
         stored, paths = _checkpoint_keys(checkpoint_files)
         if config.files:
             for path in paths:
