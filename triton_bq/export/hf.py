@@ -198,10 +198,12 @@ class TritonBQHfQuantizer(HfQuantizer):
         rebuilt = build_modules(model, config.modules, source="the quantization_config of config.json")
         if rebuilt is not model:
             raise ValueError("a triton_bq record that replaces the whole model cannot load with from_pretrained")
-        # Every key is checked to come from the checkpoint (below), so nothing needs transformers' initialization; a
-        # family's _init_weights may also reach into a child's .weight (GPT-2's c_proj), which a packed layer has not.
+        # The packed layers' tensors all come from the checkpoint (checked below). A family's _init_weights may reach
+        # into a child's .weight (GPT-2's attention and MLP init c_proj.weight), which a packed layer has not: such a
+        # parent is skipped too, unless it owns buffers that only its init fills (BERT's position_ids).
         for module in model.modules():
-            if any(isinstance(child, _PACKED) for child in module.children()) or isinstance(module, _PACKED):
+            packed_child = any(isinstance(child, _PACKED) for child in module.children())
+            if isinstance(module, _PACKED) or (packed_child and not list(module.buffers(recurse=False))):
                 module._is_hf_initialized = True
         # transformers ties parameters by name (lm_head.weight -> wte.weight); packed layers have no .weight, and the
         # packed file ties what it shares itself (config.tied, restored after loading).
