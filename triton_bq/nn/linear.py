@@ -114,12 +114,17 @@ class QuantLinear(nn.Linear):
         """Wrap an ``nn.Linear``, sharing its ``weight``/``bias`` Parameters (no copy)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta", **options)
-        module.weight = linear.weight
-        module.bias = linear.bias
+        return cls._sharing(linear.in_features, linear.out_features, linear.weight, linear.bias, linear.training,
+                            options)
+
+    @classmethod
+    def _sharing(cls, in_features: int, out_features: int, weight, bias, training: bool, options: dict):
+        """A layer built on the meta device whose ``weight`` / ``bias`` are the given Parameters."""
+        module = cls(in_features, out_features, bias=bias is not None, device="meta", **options)
+        module.weight, module.bias = weight, bias
         if module.act_quantizer is not None:
-            module.act_quantizer.to(linear.weight.device)
-        module.train(linear.training)
+            module.act_quantizer.to(weight.device)
+        module.train(training)
         return module
 
     def to_linear(self) -> nn.Linear:
@@ -227,13 +232,7 @@ class QuantConv1D(QuantLinear):
         """Wrap a transformers ``Conv1D``, sharing its ``weight``/``bias`` Parameters (no copy)."""
         if not isinstance(conv, Conv1D):
             raise TypeError(f"conv must be a transformers Conv1D, got {type(conv).__name__}")
-        module = cls(conv.nx, conv.nf, bias=conv.bias is not None, device="meta", **options)
-        module.weight = conv.weight
-        module.bias = conv.bias
-        if module.act_quantizer is not None:
-            module.act_quantizer.to(conv.weight.device)
-        module.train(conv.training)
-        return module
+        return cls._sharing(conv.nx, conv.nf, conv.weight, conv.bias, conv.training, options)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **options) -> QuantLinear:
