@@ -28,6 +28,7 @@ import dataclasses
 import torch
 
 from triton_bq import reference
+from triton_bq.options import check_choice
 
 __all__ = [
     "BITS",
@@ -49,11 +50,6 @@ __all__ = [
 BITS = (1, 2)
 WORD_BITS = 32
 _METHOD_BITS = {"bwn": 1, "twn": 2, "lat": 2}
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def _check_bits(bits) -> None:
@@ -258,8 +254,8 @@ def pack_weight(
     ``alpha``/``delta`` (as in ``reference.quantize_weight``; give both for twn/lat).
     """
     _check_weight(weight)
-    _check_choice("method", method, reference.WEIGHT_METHODS)
-    _check_choice("granularity", granularity, reference.GRANULARITIES)
+    check_choice("method", method, reference.WEIGHT_METHODS)
+    check_choice("granularity", granularity, reference.GRANULARITIES)
     if scale is None:
         scale, threshold = reference.weight_scale_threshold(weight, method, granularity, second_moment)
     elif method != "bwn" and threshold is None:
@@ -307,5 +303,5 @@ def weight_bits(weight_method: str | None) -> int:
 
 def scale_count(rows: int, granularity: str) -> int:
     """Stored float32 scales of a ``[rows, columns]`` matrix: one per row (``"row"``, embeddings) or one in all."""
-    _check_choice("granularity", granularity, reference.GRANULARITIES)
+    check_choice("granularity", granularity, reference.GRANULARITIES)
     return rows if granularity == "row" else 1
