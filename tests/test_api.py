@@ -20,6 +20,8 @@ PUBLIC = {
     "TernaryLinear",
     "TritonBQConfig",
     "attach_optimizer",
+    "load_second_moments",
+    "second_moments",
     "capture_attention_scores",
     "choose_splits",
     "dequantize_",

@@ -132,15 +132,42 @@ def stage_names(*argv):
 
 
 def test_plan_stages_per_quant():
-    assert stage_names("--quant", "ternary") == ["teacher", "ternary_a8_hidden", "ternary_a8_logits"]
+    assert stage_names("--quant", "ternary") == ["teacher", "width", "ternary_a8_hidden", "ternary_a8_logits"]
+    assert stage_names("--quant", "ternary", "--ternary_width", "1") == [
+        "teacher", "ternary_a8_hidden", "ternary_a8_logits"]
     assert stage_names("--quant", "binary", "--act_bits", "4") == [
-        "teacher", "ternary_a4_hidden", "ternary_a4_logits", "tws_a4", "binary_a4_hidden", "binary_a4_logits",
-        "bwn_a4_hidden", "bwn_a4_logits",
+        "teacher", "width", "ternary_a4_hidden", "ternary_a4_logits", "tws_a4", "binary_a4_hidden",
+        "binary_a4_logits", "bwn_a4_hidden", "bwn_a4_logits",
     ]
+    both = stage_names("--quant", "binary", "--act_bits", "8,4")
+    assert both[:2] == ["teacher", "width"] and both.count("width") == 1 and len(both) == 2 + 2 * 7
+    assert both.index("bwn_a8_logits") < both.index("ternary_a4_hidden")
     assert stage_names("--quant", "binary", "--no-bwn_baseline")[-1] == "binary_a8_logits"
     assert stage_names("--quant", "bwn") == ["teacher", "bwn_a8_hidden", "bwn_a8_logits"]
+    assert stage_names("--quant", "binary", "--stop_after", "width") == ["teacher", "width"]
     assert stage_names("--quant", "binary", "--stop_after", "tws")[-1] == "tws_a8"
     assert stage_names("--stop_after", "teacher") == ["teacher"]
+
+
+def test_plan_teachers_and_starting_points():
+    args = glue.parse_args(["--model_name_or_path", "unused", "--quant", "binary"])
+    options.check_args(args)
+    plan = {stage.name: stage for stage in stages.plan_stages(args)}
+    assert (plan["width"].init_from, plan["width"].teacher, plan["width"].loss) == ("teacher", "teacher", "width")
+    assert plan["ternary_a8_hidden"].init_from == "width"
+    for name in ("ternary_a8_hidden", "ternary_a8_logits", "binary_a8_hidden", "binary_a8_logits"):
+        assert plan[name].teacher == "width" and plan[name].act_bits == 8
+    assert plan["bwn_a8_hidden"].teacher == "teacher" and plan["bwn_a8_hidden"].init_from == "teacher"
+    assert [s.name for s in stages.needed_by(plan["width"], list(plan.values()))] == [
+        "ternary_a8_hidden", "ternary_a8_logits", "binary_a8_hidden", "binary_a8_logits"]
+    args = glue.parse_args(["--model_name_or_path", "unused", "--ternary_teacher", "teacher", "--weight_method",
+                            "lat"])
+    options.check_args(args)
+    plan = {stage.name: stage for stage in stages.plan_stages(args)}
+    assert plan["ternary_a8_hidden"].teacher == "teacher" and plan["ternary_a8_hidden"].weight_method == "lat"
+    assert plan["binary_a8_logits"].weight_method == "bwn"
+    # Taught by the full-width teacher, the students need the width model only to start from it.
+    assert [s.name for s in stages.needed_by(plan["width"], list(plan.values()))] == ["ternary_a8_hidden"]
 
 
 def test_plan_learning_rates_follow_the_recipe():
@@ -172,6 +199,11 @@ def test_offline_defaults():
         (["--task", "nope"], r"--task must be one of"),
         (["--quant", "bwn", "--stop_after", "tws"], r"--stop_after 'tws' names no stage of --quant bwn"),
         (["--report_to", "nope"], r"--report_to must name trackers among tensorboard, wandb"),
+        (["--act_bits", "8,8"], r"--act_bits must be distinct values among 8, 4"),
+        (["--act_bits", "2"], r"--act_bits must be distinct values among 8, 4"),
+        (["--split_budget", "-1"], r"--split_budget must be none, bwn or a positive size in MB, got '-1'"),
+        (["--split_budget", "bwn", "--quant", "ternary"], r"--split_budget bwn needs --quant binary"),
+        (["--width_name_or_path", "w", "--ternary_width", "1"], r"--width_name_or_path needs --ternary_width below"),
     ],
 )
 def test_bad_options_raise_value_error(argv, message):
@@ -470,11 +502,25 @@ def test_script_runs_every_quantized_stage(tiny, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((output_dir / "report.json").read_text())
     finished = [row["stage"] for row in report["rows"]]
-    assert finished == ["teacher", "ternary_a8_hidden", "ternary_a8_logits", "tws_a8", "binary_a8_hidden",
+    assert finished == ["teacher", "width", "ternary_a8_hidden", "ternary_a8_logits", "tws_a8", "binary_a8_hidden",
                         "binary_a8_logits", "bwn_a8_hidden", "bwn_a8_logits"]
     assert all(row["size_mb"] < report["rows"][0]["size_mb"] for row in report["rows"][1:])
-    # The ternary student (and the binary one split from it) keeps half the heads and FFN neurons; BWN does not.
-    assert [row["width"] for row in report["rows"]] == [1.0] + [0.5] * 5 + [1.0] * 2
+    # The width model, the ternary student and the binary one split from it keep half the heads and FFN neurons;
+    # BWN does not. The split binary encoder has as many 1-bit weights as the full-width BWN one.
+    assert [row["width"] for row in report["rows"]] == [1.0] + [0.5] * 6 + [1.0] * 2
+    parts = {row["stage"]: row["size_parts"] for row in report["rows"]}
+    assert parts["binary_a8_logits"]["encoder"]["binary_weights"] == parts["bwn_a8_logits"]["encoder"][
+        "binary_weights"] > 0
+    assert parts["ternary_a8_logits"]["encoder"]["ternary_weights"] * 2 == parts["bwn_a8_logits"]["encoder"][
+        "binary_weights"]
+    for row in report["rows"]:
+        assert sum(part["stored_bytes"] for part in row["size_parts"].values()) == round(row["size_mb"] * 1e6)
+        predictions = json.loads((output_dir / row["stage"] / context.PREDICTIONS_FILE).read_text())
+        assert len(predictions["predictions"]) == len(predictions["labels"]) == DEV_SIZE
+        assert compute_metrics(("accuracy",), predictions["predictions"], predictions["labels"])["accuracy"] == (
+            row["metrics"]["accuracy"])
+    # The width stage taught the ternary and binary students: its model starts and teaches them, and stays.
+    assert "distil hidden states and attention scores from width, from tws_a8" in result.stdout
     quantization = json.loads((output_dir / "binary_a8_logits" / "best" / "quantization.json").read_text())
     assert quantization["split"] and quantization["width"] == 0.5
     assert [len(kept["heads"]) for kept in quantization["width_plan"].values()] == [1, 1]
@@ -483,7 +529,7 @@ def test_script_runs_every_quantized_stage(tiny, tmp_path):
     assert read_done(output_dir, "tws_a8")["metrics"] == read_done(output_dir, "ternary_a8_logits")["metrics"]
     # --keep_checkpoints needed: the intermediate models went once their followers finished.
     kept = sorted(path.parent.name for path in output_dir.glob("*/best"))
-    assert kept == ["binary_a8_logits", "bwn_a8_logits", "teacher", "ternary_a8_logits"]
+    assert kept == ["binary_a8_logits", "bwn_a8_logits", "teacher", "ternary_a8_logits", "width"]
     assert all((output_dir / row["stage"] / HISTORY_FILE).is_file() for row in report["rows"] if row["steps"])
     assert "ternary_a8_hidden" in result.stdout and "removed" in result.stdout
 

@@ -28,6 +28,8 @@ CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE_FILE = "trainer_state.json"
 BEST_STATE_FILE = "best_state.json"
 QUANT_FILE = "quantization.json"
+# A stage's dev predictions (labels and predictions in dev-set order), for the paired tests over seeds.
+PREDICTIONS_FILE = "predictions.json"
 PARTIAL_SUFFIX = ".partial"
 # Where the experiment trackers of --report_to log (TensorBoard event files, ...).
 TRACKERS_DIR = "trackers"
@@ -36,7 +38,8 @@ FINGERPRINT_KEYS = (
     "task", "model_name_or_path", "teacher_name_or_path", "train_file", "validation_file", "text_columns",
     "label_column", "max_seq_length", "max_train_samples", "max_eval_samples", "num_train_epochs", "learning_rate",
     "ternary_learning_rate", "binary_learning_rate", "hidden_lr_multiplier", "per_device_train_batch_size",
-    "weight_decay", "warmup_ratio", "max_grad_norm", "evals_per_epoch", "seed", "mixed_precision", "ternary_width",
+    "weight_decay", "warmup_ratio", "max_grad_norm", "evals_per_epoch", "seed", "data_seed", "mixed_precision",
+    "ternary_width", "ternary_teacher", "weight_method", "width_name_or_path", "split_budget",
 )
 
 

@@ -71,11 +71,10 @@ from train.options import (  # noqa: E402
     OFFLINE_CHECKPOINTING_STEPS,
     OFFLINE_MAX_EVAL_SAMPLES,
     OFFLINE_MAX_TRAIN_SAMPLES,
-    OFFLINE_TERNARY_WIDTH,
     TRACKER_PACKAGES,
 )
 from train.runner import run_pipeline  # noqa: E402
-from train.stages import STAGE_PREFIXES  # noqa: E402
+from train.stages import STAGE_PREFIXES, TEACHERS  # noqa: E402
 
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -112,13 +111,29 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--quant", choices=("ternary", "binary", "bwn"), default="binary",
                        help="ternary: TernaryBERT (2-2-A); binary: BinaryBERT via ternary weight splitting "
                             "(1-1-A); bwn: binary directly from the teacher. Default: binary")
-    model.add_argument("--act_bits", type=int, choices=(8, 4), default=8, help="activation bits A. Default: 8")
+    model.add_argument("--act_bits", default="8",
+                       help="activation bits A: 8, 4, or both (8,4: the ternary, TWS, binary and BWN stages of each "
+                            "after one teacher and width stage). Default: 8")
+    model.add_argument("--weight_method", choices=("twn", "lat"), default="twn",
+                       help="ternary weight quantizer: twn (TWN, BinaryBERT) or lat (TernaryBERT's loss-aware "
+                            "ternarization, with AdamW's second moment). Default: twn")
     model.add_argument("--ternary_width", type=float, default=None,
                        help="fraction of the teacher's attention heads and FFN neurons the ternary student keeps "
-                            "(BinaryBERT splits a half-width ternary model; triton_bq.recipe.width). Full width "
-                            "when the teacher's layers do not divide. Default: 0.5; "
-                            f"{OFFLINE_TERNARY_WIDTH} for the offline task, whose 64-step stages do not recover a "
-                            "halved plain (not width-adaptive) teacher")
+                            "(BinaryBERT splits a half-width ternary model, so that the binary model has as many "
+                            "1-bit encoder weights as a full-width BWN one). Below 1, the width stage first distils a "
+                            "full-precision copy of the teacher narrowed to it (triton_bq.recipe.width). Default: 0.5")
+    model.add_argument("--ternary_teacher", choices=TEACHERS, default="width",
+                       help="the teacher of the ternary students and of the binary students split from them: the "
+                            "width stage's narrow model (as BinaryBERT uses the half-width DynaBERT model) or the "
+                            "full-width teacher. Default: width")
+    model.add_argument("--width_name_or_path", default=None,
+                       help="the best/ folder of a finished width stage (another run's): evaluated, not trained. "
+                            "Default: none")
+    model.add_argument("--split_budget", default="none",
+                       help="total stored size the split binary model must fit: none (split every ternary matrix), "
+                            "bwn (the BWN-direct model's bytes) or a size in MB; adaptive splitting "
+                            "(triton_bq.recipe.adaptive.choose_splits) keeps the most sensitive matrices split and "
+                            "binarizes the rest. Default: none")
     model.add_argument("--bwn_baseline", action=argparse.BooleanOptionalAction, default=True,
                        help="with --quant binary, also train the BWN-direct baseline. Default: on")
     model.add_argument("--stop_after", choices=STAGE_PREFIXES, default=None,
@@ -149,6 +164,14 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--evals_per_epoch", type=int, default=2,
                        help="dev evaluations per epoch; the best one is kept. Default: 2")
     train.add_argument("--seed", type=int, default=42, help="random seed (every stage re-seeds). Default: 42")
+    train.add_argument("--data_seed", type=int, default=42,
+                       help="seed of the --max_train_samples / --max_eval_samples subsets (the same dev examples for "
+                            "every --seed). Default: 42")
+    train.add_argument("--seeds", default=None,
+                       help="run the pipeline once per seed (comma-separated, e.g. 42,43,44): the first in "
+                            "--output_dir, each other in <output_dir>/seed_<s>/ with the first's teacher and width "
+                            "model given; then seeds.md: mean and std per stage and the paired test of TWS against "
+                            "BWN. Default: one run with --seed")
     train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
                        help="autocast precision. Default: accelerate's configuration, else no")
     train.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")

@@ -110,7 +110,8 @@ def stage_steps(args: argparse.Namespace, stages: list[Stage], train_examples: i
     """The training steps of each planned stage (0 for stages that do not train), for the run's time estimate."""
     batches = math.ceil(train_examples / args.per_device_train_batch_size)
     steps = math.ceil(batches / processes) * args.num_train_epochs
-    trains = {"teacher": args.teacher_name_or_path is None, "distill": True, "split": False}
+    trains = {"teacher": args.teacher_name_or_path is None, "width": args.width_name_or_path is None,
+              "distill": True, "split": False}
     return {stage.name: steps if trains[stage.kind] else 0 for stage in stages}
 
 
@@ -129,7 +130,8 @@ def build_context(args: argparse.Namespace) -> tuple[Context, list[Stage]]:
         data = load_task_data(
             args.task, train_file=args.train_file, validation_file=args.validation_file,
             text_columns=args.text_columns, label_column=args.label_column,
-            max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, seed=args.seed,
+            max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
+            seed=args.data_seed,
         )
         tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
         tokenized = tokenize_task_data(data, tokenizer, args.max_seq_length)

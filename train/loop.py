@@ -32,6 +32,7 @@ from train.context import (
     BEST_DIR,
     BEST_STATE_FILE,
     CHECKPOINTS_DIR,
+    PREDICTIONS_FILE,
     TRAINER_STATE_FILE,
     Context,
     keep_umask_modes,
@@ -66,8 +67,10 @@ def _model_inputs(batch: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model: nn.Module, eval_dataloader, spec: TaskSpec) -> dict:
-    """Dev metrics of ``model`` over every process's shard, each example counted once (``gather_for_metrics``)."""
+def predict(accelerator: Accelerator, model: nn.Module, eval_dataloader, spec: TaskSpec) -> tuple[dict, dict]:
+    """Dev metrics of ``model`` over every process's shard, each example counted once (``gather_for_metrics``),
+    and its predictions: ``{"labels": [...], "predictions": [...]}`` in dev-set order (the paired tests compare
+    models example by example)."""
     was_training = model.training
     model.eval()
     predictions, references = [], []
@@ -81,16 +84,27 @@ def evaluate(accelerator: Accelerator, model: nn.Module, eval_dataloader, spec: 
     model.train(was_training)
     predictions, references = torch.cat(predictions), torch.cat(references)
     metrics = compute_metrics(spec.metrics, predictions.numpy(), references.numpy())
-    return {**metrics, "eval_samples": int(references.numel())}
+    return ({**metrics, "eval_samples": int(references.numel())},
+            {"labels": references.tolist(), "predictions": predictions.tolist()})
+
+
+def evaluate(accelerator: Accelerator, model: nn.Module, eval_dataloader, spec: TaskSpec) -> dict:
+    """Dev metrics of ``model`` (``predict`` without the predictions)."""
+    return predict(accelerator, model, eval_dataloader, spec)[0]
+
+
+def predict_model(ctx: Context, model: nn.Module) -> tuple[dict, dict]:
+    """``predict`` for an unprepared model (no training in this stage): the dev loader is prepared and released."""
+    _, eval_dataloader = get_dataloaders(ctx)
+    eval_dataloader = ctx.accelerator.prepare(eval_dataloader)
+    result = predict(ctx.accelerator, model, eval_dataloader, ctx.spec)
+    ctx.accelerator.free_memory()
+    return result
 
 
 def evaluate_model(ctx: Context, model: nn.Module) -> dict:
-    """Dev metrics of an unprepared model (no training in this stage): the dev loader is prepared and released."""
-    _, eval_dataloader = get_dataloaders(ctx)
-    eval_dataloader = ctx.accelerator.prepare(eval_dataloader)
-    metrics = evaluate(ctx.accelerator, model, eval_dataloader, ctx.spec)
-    ctx.accelerator.free_memory()
-    return metrics
+    """Dev metrics of an unprepared model (``predict_model`` without the predictions)."""
+    return predict_model(ctx, model)[0]
 
 
 def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -310,7 +324,7 @@ class StageLoop:
         accelerator, spec, console, step = self.accelerator, self.ctx.spec, self.ctx.console, self.state.global_step
         started = time.perf_counter()
         with console.status("evaluating on dev"):
-            metrics = evaluate(accelerator, self.model, self.eval_dataloader, spec)
+            metrics, predictions = predict(accelerator, self.model, self.eval_dataloader, spec)
         line = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "eval_samples")
         previous = None if self.best is None else self.best["metrics"][spec.main_metric]
         improved = is_better(metrics[spec.main_metric], previous)
@@ -318,12 +332,13 @@ class StageLoop:
         if improved:
             self.best = {"metrics": metrics, "step": step}
             with console.status("saving the best model"):
-                self.save_best()
+                self.save_best(predictions)
         console.write(f"[{self.stage.name}] step {step}/{self.total_steps} dev {line}"
                       f"{' (best, saved)' if improved else ''} in {time.perf_counter() - started:.1f} s")
 
-    def save_best(self) -> None:
-        """Replace ``best/`` with the current model and ``best_state.json`` (main process)."""
+    def save_best(self, predictions: dict) -> None:
+        """Replace ``best/`` with the current model, ``best_state.json`` and its dev ``predictions.json`` (main
+        process)."""
         accelerator = self.accelerator
         if accelerator.is_main_process:
             staging = self.partial / f"{BEST_DIR}.tmp"
@@ -331,6 +346,7 @@ class StageLoop:
                 shutil.rmtree(staging)
             self.save_model(accelerator.unwrap_model(self.model), staging)
             write_json(staging / BEST_STATE_FILE, self.best)
+            write_json(staging / PREDICTIONS_FILE, predictions)
             keep_umask_modes(staging)
             replace_dir(staging, self.partial / BEST_DIR)
         accelerator.wait_for_everyone()

@@ -18,21 +18,27 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
 from train.context import QUANT_FILE, Context, keep_umask_modes, write_json
+from train.metrics import compute_metrics
 from train.stages import Stage
-from triton_bq import QuantConfig, quantize_, save_packed
-from triton_bq.export.size import packed_size_bytes
+from triton_bq import QuantConfig, load_second_moments, quantize_, save_packed, second_moments
+from triton_bq.export.size import model_size_report, packed_size_bytes
+from triton_bq.recipe.adaptive import choose_splits, measure_split_sensitivity, split_candidates, split_costs
 from triton_bq.recipe.distill import attention_scores_loss, hidden_states_loss, logits_loss, record_attention_scores
 from triton_bq.recipe.tws import split_ternary_to_binary
 from triton_bq.recipe.width import kept_heads, shrink_width_, supports_width, taylor_importance, width_plan
 
 # Training examples whose task-loss gradients rank the heads and FFN neurons a narrow ternary student keeps.
 WIDTH_IMPORTANCE_EXAMPLES = 256
+# The width stage's loss (DynaBERT): soft cross-entropy of the logits + this weight x MSE of the hidden states.
+WIDTH_HIDDEN_WEIGHT = 0.1
+# Loss-aware ternary layers' Adam second moments, saved beside a student's weights.
+SECOND_MOMENTS_FILE = "second_moments.safetensors"
 # The logger of transformers' loading report (MISSING / UNEXPECTED / MISMATCH keys of from_pretrained).
 LOADING_LOGGER = "transformers.modeling_utils"
 
@@ -60,6 +66,23 @@ class _HeldLoadingReport(logging.Filter):
 def model_size_bytes(model: nn.Module) -> int:
     """The true stored size of ``model``: packed low-bit weights, fp32 scales and full-precision rest."""
     return packed_size_bytes(model)
+
+
+def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
+    return next((name for name, module in model.named_modules() if module is target), None)
+
+
+def size_parts(model: nn.Module) -> dict[str, dict[str, int]]:
+    """The true stored bytes and the 1-bit / 2-bit weight counts of the encoder (the transformer layers), the
+    word embedding and the rest (position / token-type embeddings, LayerNorms, pooler, classifier), so that "the
+    same encoder size" can be read off. A model whose encoder or word embedding is not found counts it as rest."""
+    base = model.base_model
+    encoder = getattr(base, "encoder", None) or getattr(base, "transformer", None)
+    parts = {}
+    for part, module in (("encoder", encoder), ("word_embedding", model.get_input_embeddings())):
+        name = _module_name(model, module)
+        parts[part] = (f"{name}.",) if name else ()
+    return model_size_report(model).by_part(parts, rest="rest")
 
 
 def save_hf_model(ctx: Context, model: nn.Module, directory: Path) -> None:
@@ -110,10 +133,15 @@ def read_quantization(directory: Path) -> dict:
 def save_student(model: nn.Module, directory: Path, quantization: dict, tokenizer=None) -> None:
     """Save a quantized student: its config (with the quantized structure as its ``quantization_config``, so that
     after ``import triton_bq`` the folder loads with ``from_pretrained``), latent state dict (safetensors),
-    ``quantization.json`` and the tokenizer when given."""
+    ``quantization.json``, the second moments of loss-aware ternary layers (``second_moments.safetensors``: without
+    them the reloaded model would quantize with ``D = 1``) and the tokenizer when given."""
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(directory)
     save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    moments = second_moments(model)
+    if moments:
+        save_file({name: moment.detach().cpu().contiguous() for name, moment in moments.items()},
+                  str(directory / SECOND_MOMENTS_FILE), metadata={"format": "pt"})
     write_json(directory / QUANT_FILE, quantization)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
@@ -127,17 +155,25 @@ def save_packed_student(model: nn.Module, directory: Path) -> dict:
     return sizes
 
 
-def load_student(directory: Path) -> nn.Module:
-    """Rebuild a student saved by ``save_student``: same config, same module swap (and split), same weights."""
+def load_student(directory: Path, **kwargs) -> nn.Module:
+    """Rebuild a student saved by ``save_student``: same config, same narrowing, module swap (and split), same
+    weights (and, for loss-aware ternary layers, the second moments they quantized with). ``kwargs`` go to
+    ``from_config`` (e.g. ``attn_implementation="eager"``). A full-precision narrow model (the width stage's) has
+    ``weight_method`` ``None``: it is narrowed, not quantized."""
     quantization = read_quantization(directory)
     config = transformers.AutoConfig.from_pretrained(directory)
-    model = AutoModelForSequenceClassification.from_config(config)
+    model = AutoModelForSequenceClassification.from_config(config, **kwargs)
     if quantization.get("width_plan"):
         shrink_width_(model, quantization["width_plan"])
-    quantize_(model, QuantConfig(weight_method=quantization["weight_method"], act_bits=quantization["act_bits"]))
-    if quantization.get("split"):
-        split_ternary_to_binary(model)
+    if quantization["weight_method"] is not None:
+        quantize_(model, QuantConfig(weight_method=quantization["weight_method"], act_bits=quantization["act_bits"]))
+    split = quantization.get("split")
+    if split:
+        split_ternary_to_binary(model, include=None if split is True else split)
     load_model(model, str(directory / "model.safetensors"), strict=True)
+    moments = directory / SECOND_MOMENTS_FILE
+    if moments.is_file():
+        load_second_moments(model, load_file(str(moments)))
     return model
 
 
@@ -153,34 +189,83 @@ def width_importance(ctx: Context, model: nn.Module) -> dict:
     return taylor_importance(model, ({key: value.to(device) for key, value in batch.items()} for batch in loader))
 
 
-def new_student(ctx: Context, stage: Stage, teacher_path: str) -> tuple[nn.Module, dict]:
-    """A quantized copy of the teacher for ``stage`` (a ternary one narrowed to ``--ternary_width`` when the
-    teacher's layers divide), and its ``quantization`` record."""
-    args = ctx.args
-    student = load_hf_model(ctx, teacher_path, attn_implementation="eager")
-    width, plan = 1.0, None
-    if stage.weight_method == "twn" and args.ternary_width < 1:
-        if supports_width(student, args.ternary_width):
-            importance = width_importance(ctx, student)
-            width = args.ternary_width
-            plan = shrink_width_(student, width_plan(student, width, importance))
-        else:
-            ctx.console.write(f"[{stage.name}] the teacher's layers do not divide at --ternary_width "
-                              f"{args.ternary_width}: the ternary student keeps the full width")
-    quantize_(student, QuantConfig(weight_method=stage.weight_method, act_bits=args.act_bits))
-    quantization = {"weight_method": stage.weight_method, "act_bits": args.act_bits, "split": False,
+def narrow_model(ctx: Context, teacher_path: str, width: float) -> tuple[nn.Module, dict]:
+    """A full-precision copy of the teacher keeping ``width`` of its attention heads and FFN neurons (the most
+    important by Taylor importance on training examples), and its ``quantization`` record (no quantizer)."""
+    model = load_hf_model(ctx, teacher_path)
+    if not supports_width(model, width):
+        raise ValueError(f"--ternary_width {width} does not divide the teacher's attention heads and FFN neurons "
+                         f"into whole heads and neurons; use another width or --ternary_width 1")
+    plan = shrink_width_(model, width_plan(model, width, width_importance(ctx, model)))
+    return model, {"weight_method": None, "act_bits": None, "split": False, "width": width, "width_plan": plan}
+
+
+def new_student(ctx: Context, stage: Stage, init_path: Path | str, init_quantization: dict | None) -> tuple[nn.Module,
+                                                                                                          dict]:
+    """A quantized student for ``stage``: the teacher (``init_quantization`` ``None``) or a saved full-precision
+    narrow model (the width stage's) with its layers swapped for quantized ones, and its ``quantization`` record."""
+    if init_quantization is None:
+        student = load_hf_model(ctx, init_path, attn_implementation="eager")
+        width, plan = 1.0, None
+    else:
+        student = load_student(Path(init_path), attn_implementation="eager")
+        width, plan = init_quantization["width"], init_quantization["width_plan"]
+    quantize_(student, QuantConfig(weight_method=stage.weight_method, act_bits=stage.act_bits))
+    quantization = {"weight_method": stage.weight_method, "act_bits": stage.act_bits, "split": False,
                     "width": width, "width_plan": plan}
     return student, quantization
 
 
-def split_student(directory: Path) -> tuple[nn.Module, dict]:
-    """The ternary student saved in ``directory`` after ternary weight splitting (an equivalent binary model), and
-    its ``quantization`` record."""
+def split_student(directory: Path, include: list[str] | None = None) -> tuple[nn.Module, dict]:
+    """The ternary student saved in ``directory`` after ternary weight splitting (an equivalent binary model; with
+    ``include``, only those modules split and the other ternary ones binarized), and its ``quantization`` record
+    (``split``: ``True``, or the split module names)."""
     model = load_student(directory)
-    split_ternary_to_binary(model)
+    split_ternary_to_binary(model, include=include)
     quantization = read_quantization(directory)
-    quantization.update(split=True)
+    quantization.update(split=True if include is None else sorted(include))
     return model, quantization
+
+
+def quantize_bwn(model: nn.Module, act_bits: int) -> nn.Module:
+    """``model`` binarized in place as the BWN-direct baseline is (for its size)."""
+    quantize_(model, QuantConfig(weight_method="bwn", act_bits=act_bits))
+    return model
+
+
+def training_accuracy(ctx: Context, model: nn.Module) -> float:
+    """The main metric of ``model`` on the first ``WIDTH_IMPORTANCE_EXAMPLES`` training examples (the same on every
+    process): what adaptive splitting ranks its candidates by, so that the dev set never chooses the model."""
+    train = ctx.tokenized["train"]
+    subset = train.select(range(min(WIDTH_IMPORTANCE_EXAMPLES, len(train))))
+    loader = DataLoader(subset, batch_size=ctx.args.per_device_eval_batch_size,
+                        collate_fn=DataCollatorWithPadding(ctx.tokenizer))
+    device = ctx.accelerator.device
+    model.to(device).eval()
+    predictions, labels = [], []
+    with torch.no_grad():
+        for batch in loader:
+            batch = {key: value.to(device) for key, value in batch.items()}
+            logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits.float()
+            predictions.append((logits.squeeze(-1) if ctx.spec.is_regression else logits.argmax(-1)).cpu())
+            labels.append(batch["labels"].cpu())
+    metrics = compute_metrics(ctx.spec.metrics, torch.cat(predictions).numpy(), torch.cat(labels).numpy())
+    return float(metrics[ctx.spec.main_metric])
+
+
+def adaptive_split(ctx: Context, directory: Path, total_bytes: int) -> list[str]:
+    """The module names of the ternary student in ``directory`` to split so that the split model stores at most
+    ``total_bytes`` (adaptive splitting: sensitivities on training examples, ``choose_splits``' knapsack)."""
+    ternary = load_student(directory)
+    binary_size = model_size_bytes(split_ternary_to_binary(load_student(directory), include=()))
+    if total_bytes < binary_size:
+        raise ValueError(f"--split_budget: {total_bytes / 1e6:.3f} MB is below the size of the model with no matrix "
+                         f"split ({binary_size / 1e6:.3f} MB)")
+    candidates = split_candidates(ternary)
+    sensitivities = measure_split_sensitivity(lambda: load_student(directory), lambda model: training_accuracy(
+        ctx, model), candidates)
+    chosen = choose_splits(sensitivities, split_costs(ternary, candidates), total_bytes - binary_size)
+    return [name for key in candidates if key in chosen for name in candidates[key]]
 
 
 @dataclasses.dataclass
@@ -212,16 +297,33 @@ class LogitsLoss:
         return logits_loss(outputs.logits, teacher_outputs.logits, is_regression=self.is_regression)
 
 
+@dataclasses.dataclass
+class WidthLoss:
+    """The width stage's loss (DynaBERT's width-adaptive distillation, without the attention term): logits, plus
+    ``WIDTH_HIDDEN_WEIGHT`` x the hidden states (the narrow model keeps the hidden size, so they compare)."""
+
+    is_regression: bool
+
+    def __call__(self, outputs, teacher_outputs, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = logits_loss(outputs.logits, teacher_outputs.logits, is_regression=self.is_regression)
+        hidden = hidden_states_loss(outputs.hidden_states, teacher_outputs.hidden_states)
+        return logits + WIDTH_HIDDEN_WEIGHT * hidden, {"logits": logits.detach(), "hidden": hidden.detach()}
+
+
 def distillation_loss(
-    loss: str, teacher: nn.Module, student: nn.Module, quantization: dict, is_regression: bool, device: torch.device
-) -> tuple[HiddenStatesLoss | LogitsLoss, dict]:
-    """The loss of a distillation stage (``"hidden"`` or ``"logits"``) and the forward keyword arguments it needs."""
+    loss: str, teacher: nn.Module, student: nn.Module, quantization: dict, is_regression: bool, device: torch.device,
+    teacher_is_narrow: bool = False,
+) -> tuple[HiddenStatesLoss | LogitsLoss | WidthLoss, dict]:
+    """The loss of a distillation stage (``"width"``, ``"hidden"`` or ``"logits"``) and the forward keyword
+    arguments it needs. ``teacher_is_narrow``: the teacher has the student's heads (the width stage's model)."""
+    if loss == "width":
+        return WidthLoss(is_regression), {"output_hidden_states": True}
     if loss != "hidden":
         return LogitsLoss(is_regression), {}
     teacher_attention = record_attention_scores(teacher)
     student_attention = record_attention_scores(student)
-    # A narrower student is compared with the teacher's heads it kept.
-    plan = quantization.get("width_plan")
+    # A narrower student taught by the full-width teacher is compared with the teacher's heads it kept.
+    plan = None if teacher_is_narrow else quantization.get("width_plan")
     teacher_heads = [None] * len(teacher_attention) if not plan else [
         torch.tensor(heads, device=device) for heads in kept_heads(teacher, plan)
     ]

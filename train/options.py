@@ -22,11 +22,11 @@ OFFLINE_MAX_TRAIN_SAMPLES = 2048
 OFFLINE_MAX_EVAL_SAMPLES = 1000
 # A killed offline run loses at most this many steps of the stage in progress (finished stages are never lost).
 OFFLINE_CHECKPOINTING_STEPS = 32
-# The offline preset trains the ternary student at full width: a plain MiniLM teacher halved by Taylor importance
-# does not win its dev accuracy back in 2 x 64 distillation steps (README, Results).
-OFFLINE_TERNARY_WIDTH = 1.0
 DEFAULT_CHECKPOINTING_STEPS = 100
 DEFAULT_TERNARY_WIDTH = 0.5
+ACT_BITS = (8, 4)
+# --split_budget: no budget (split every ternary matrix), or the BWN-direct model's total stored bytes.
+SPLIT_BUDGETS = ("none", "bwn")
 KEEP_CHECKPOINTS = ("needed", "all")
 # --report_to names (Accelerate's trackers) and the PyPI package each one needs (optional dependencies).
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet-ml",
@@ -61,8 +61,6 @@ def resolve_defaults(args: argparse.Namespace) -> None:
             args.max_eval_samples = OFFLINE_MAX_EVAL_SAMPLES
         if args.checkpointing_steps is None:
             args.checkpointing_steps = OFFLINE_CHECKPOINTING_STEPS
-        if args.ternary_width is None:
-            args.ternary_width = OFFLINE_TERNARY_WIDTH
     if args.checkpointing_steps is None:
         args.checkpointing_steps = DEFAULT_CHECKPOINTING_STEPS
     if args.ternary_width is None:
@@ -93,6 +91,33 @@ def check_report_to(args: argparse.Namespace) -> None:
     args.report_to = names
 
 
+def parse_act_bits(value: str | int | list | tuple) -> tuple[int, ...]:
+    """``--act_bits``: one activation bit-width or several, comma-separated (``8``, ``8,4``), each 8 or 4."""
+    words = [str(value)] if isinstance(value, int) else (
+        [str(v) for v in value] if isinstance(value, list | tuple) else str(value).split(","))
+    bits = []
+    for word in words:
+        word = word.strip()
+        if not word.isdigit() or int(word) not in ACT_BITS or int(word) in bits:
+            raise ValueError(f"--act_bits must be distinct values among {', '.join(map(str, ACT_BITS))}, "
+                             f"comma-separated, got {value!r}")
+        bits.append(int(word))
+    return tuple(bits)
+
+
+def parse_split_budget(value: str | float) -> str | float:
+    """``--split_budget``: ``none``, ``bwn`` or a total size in MB (a positive number)."""
+    if value in SPLIT_BUDGETS:
+        return value
+    try:
+        megabytes = float(value)
+    except (TypeError, ValueError):
+        megabytes = float("nan")
+    if not megabytes > 0 or megabytes == float("inf"):
+        raise ValueError(f"--split_budget must be none, bwn or a positive size in MB, got {value!r}")
+    return megabytes
+
+
 def check_values(args: argparse.Namespace) -> None:
     """Reject out-of-range option values (ValueError naming the option)."""
     for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size", "evals_per_epoch",
@@ -106,6 +131,12 @@ def check_values(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if not value > 0:
             raise ValueError(f"--{name} must be > 0, got {value}")
+    args.act_bits = parse_act_bits(args.act_bits)
+    args.split_budget = parse_split_budget(args.split_budget)
+    if args.split_budget != "none" and args.quant != "binary":
+        raise ValueError(f"--split_budget {args.split_budget} needs --quant binary, got --quant {args.quant}")
+    if args.width_name_or_path is not None and not args.ternary_width < 1:
+        raise ValueError(f"--width_name_or_path needs --ternary_width below 1, got {args.ternary_width}")
     if not 0 < args.ternary_width <= 1:
         raise ValueError(f"--ternary_width must be in (0, 1], got {args.ternary_width}")
     if not 0 <= args.warmup_ratio < 1:

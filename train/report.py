@@ -27,7 +27,9 @@ LEGEND = (
     "W-E-A: bits of the weights, the word embedding and the activations (32: full precision). "
     "width: the fraction of the teacher's attention heads and FFN neurons the model keeps. "
     "size MB: the true stored size in 10^6 bytes (1 bit per binary weight, 2 per ternary weight, fp32 scales, "
-    "the rest in fp32). x smaller: the teacher's size divided by this one. train s: seconds in training steps; "
+    "the rest in fp32), split into the encoder (the transformer layers), the word embedding and the rest "
+    "(position / token-type embeddings, LayerNorms, pooler, classifier); 1-bit / 2-bit enc: the encoder's binary / "
+    "ternary weights in millions (the paper compares models with the same encoder size). x smaller: the teacher's size divided by this one. train s: seconds in training steps; "
     "wall s: the whole stage, evaluations and saving included; tokens/s: training tokens (all processes) per "
     "training second."
 )
@@ -62,6 +64,7 @@ def report_row(name: str, done: dict, teacher: dict | None) -> dict:
         "metrics": {k: v for k, v in done["metrics"].items() if k != "eval_samples"},
         "eval_samples": done["metrics"].get("eval_samples"),
         "size_mb": done["size_bytes"] / 1e6,
+        "size_parts": done.get("size_parts"),
         "compression": ratio,
         "steps": done["steps"],
         "train_seconds": done["train_seconds"],
@@ -109,10 +112,21 @@ def build_report(ctx: Context, stages: list[Stage], wall_seconds: float) -> dict
     }
 
 
+def size_part_cells(parts: dict | None) -> list[str]:
+    """The encoder / word embedding / rest MB and the encoder's 1-bit and 2-bit weights (millions) of a row."""
+    if not parts:
+        return [""] * 5
+    encoder = parts["encoder"]
+    return [f"{parts['encoder']['stored_bytes'] / 1e6:.2f}", f"{parts['word_embedding']['stored_bytes'] / 1e6:.2f}",
+            f"{parts['rest']['stored_bytes'] / 1e6:.2f}", f"{encoder['binary_weights'] / 1e6:.2f}",
+            f"{encoder['ternary_weights'] / 1e6:.2f}"]
+
+
 def format_report(report: dict) -> str:
     """The report as a markdown table."""
     metrics = report["metrics"]
-    header = ["stage", "W-E-A", "width", *metrics, "size MB", "x smaller", "steps", "train s", "wall s", "tokens/s"]
+    header = ["stage", "W-E-A", "width", *metrics, "size MB", "encoder MB", "word emb. MB", "rest MB", "1-bit enc M",
+              "2-bit enc M", "x smaller", "steps", "train s", "wall s", "tokens/s"]
     lines = [
         f"# {report['task']}: {report['quant']} pipeline ({report.get('model_name', report['model'])})",
         "",
@@ -127,8 +141,8 @@ def format_report(report: dict) -> str:
     for row in report["rows"]:
         compression = "" if row["compression"] is None else f"{row['compression']:.1f}"
         scores = [f"{row['metrics'].get(m, math.nan) * 100:.2f}" for m in metrics]
-        cells = [row["stage"], row["bits"], f"{row['width']:g}", *scores,
-                 f"{row['size_mb']:.2f}", compression, str(row["steps"]), f"{row['train_seconds']:.0f}",
+        cells = [row["stage"], row["bits"], f"{row['width']:g}", *scores, f"{row['size_mb']:.2f}",
+                 *size_part_cells(row.get("size_parts")), compression, str(row["steps"]), f"{row['train_seconds']:.0f}",
                  f"{row['wall_seconds']:.0f}", f"{row['tokens_per_second']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     missing = [name for name in report["planned_stages"] if name not in {row["stage"] for row in report["rows"]}]

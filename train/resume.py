@@ -24,7 +24,7 @@ from train.context import (
     Context,
     write_json,
 )
-from train.stages import Stage
+from train.stages import Stage, needed_by
 
 
 def latest_checkpoint(partial_dir: Path) -> Path | None:
@@ -81,17 +81,21 @@ def check_finished_stages(ctx: Context, stages: list[Stage]) -> None:
 
 
 def check_starting_points(ctx: Context, stages: list[Stage]) -> None:
-    """Reject a plan whose unfinished stage starts from a finished stage whose model was removed."""
+    """Reject a plan whose unfinished stage starts from (or is taught by) a finished stage whose model was removed."""
     for stage in stages:
-        start = stage.init_from
-        if ctx.done(stage.name) is not None or start is None or ctx.done(start) is None:
+        if ctx.done(stage.name) is not None:
             continue
-        if not (ctx.stage_dir(start) / BEST_DIR).is_dir():
-            raise ValueError(
-                f"stage {stage.name!r} starts from stage {start!r}, whose model {ctx.stage_dir(start) / BEST_DIR} "
-                f"was removed after the stages that needed it finished (--keep_checkpoints needed); delete "
-                f"{ctx.stage_dir(start)} to train it again, or use another --output_dir"
-            )
+        for start, role in ((stage.init_from, "starts from"), (stage.teacher, "is taught by")):
+            done = None if start is None else ctx.done(start)
+            # A given model (--teacher_name_or_path, --width_name_or_path) lives outside the run folder.
+            if done is None or done.get("model") != BEST_DIR:
+                continue
+            if not (ctx.stage_dir(start) / BEST_DIR).is_dir():
+                raise ValueError(
+                    f"stage {stage.name!r} {role} stage {start!r}, whose model {ctx.stage_dir(start) / BEST_DIR} "
+                    f"was removed after the stages that needed it finished (--keep_checkpoints needed); delete "
+                    f"{ctx.stage_dir(start)} to train it again, or use another --output_dir"
+                )
 
 
 def is_intermediate(stage: Stage) -> bool:
@@ -111,7 +115,7 @@ def remove_unneeded_models(ctx: Context, stages: list[Stage]) -> list[Path]:
     removed = []
     for stage in stages:
         best = ctx.stage_dir(stage.name) / BEST_DIR
-        followers = [other for other in stages if other.init_from == stage.name]
+        followers = needed_by(stage, stages)
         if (not is_intermediate(stage) or ctx.done(stage.name) is None or not best.is_dir() or not followers
                 or any(ctx.done(other.name) is None for other in followers)):
             continue

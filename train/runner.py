@@ -13,38 +13,60 @@ size of the run folder.
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
 from accelerate.utils import set_seed
+from torch import nn
 
-from train.context import BEST_DIR, Context, keep_umask_modes, replace_dir
+from train.context import BEST_DIR, PREDICTIONS_FILE, Context, keep_umask_modes, replace_dir, write_json
 from train.export import export_final_models
 from train.launch import build_context
-from train.loop import evaluate_model, train_stage
+from train.loop import predict_model, train_stage
 from train.models import (
+    adaptive_split,
     distillation_loss,
     load_hf_model,
     load_student,
     model_size_bytes,
+    narrow_model,
     new_student,
+    quantize_bwn,
     read_quantization,
     save_hf_model,
     save_student,
+    size_parts,
     split_student,
 )
 from train.report import folder_bytes, write_report
 from train.resume import finish_stage, remove_unneeded_models, start_partial
 from train.stages import Stage
+from triton_bq import attach_optimizer
 
 
-def _given_teacher_record(ctx: Context, path: str) -> dict:
-    """The record of a teacher stage that evaluates the already fine-tuned ``--teacher_name_or_path``."""
-    model = load_hf_model(ctx, path).to(ctx.accelerator.device)
-    metrics = evaluate_model(ctx, model)
+def write_predictions(ctx: Context, stage: Stage, predictions: dict) -> None:
+    """The stage's dev predictions, ``<stage>.partial/predictions.json`` (main process)."""
+    if ctx.accelerator.is_main_process:
+        write_json(ctx.partial_dir(stage.name) / PREDICTIONS_FILE, predictions)
+
+
+def copy_best_predictions(ctx: Context, stage: Stage) -> None:
+    """A trained stage's predictions are its best checkpoint's (saved beside it): keep them at the stage's level,
+    where they stay when an intermediate ``best/`` is removed."""
+    partial = ctx.partial_dir(stage.name)
+    if ctx.accelerator.is_main_process:
+        shutil.copyfile(partial / BEST_DIR / PREDICTIONS_FILE, partial / PREDICTIONS_FILE)
+
+
+def _given_record(ctx: Context, stage: Stage, path: str, model: nn.Module) -> dict:
+    """The record of a stage that evaluates an already trained model (``--teacher_name_or_path``,
+    ``--width_name_or_path``) instead of training one."""
+    metrics, predictions = predict_model(ctx, model.to(ctx.accelerator.device))
+    write_predictions(ctx, stage, predictions)
     return {"model": str(Path(path).resolve()) if Path(path).exists() else path, "metrics": metrics,
             "best_step": 0, "steps": 0, "tokens": 0, "train_seconds": 0.0, "tokens_per_second": 0.0,
-            "size_bytes": model_size_bytes(model)}
+            "size_bytes": model_size_bytes(model), "size_parts": size_parts(model)}
 
 
 def run_teacher(ctx: Context, stage: Stage) -> dict:
@@ -53,93 +75,167 @@ def run_teacher(ctx: Context, stage: Stage) -> dict:
     started = time.perf_counter()
     start_partial(ctx, stage)
     if args.teacher_name_or_path is not None:
-        return finish_stage(ctx, stage, _given_teacher_record(ctx, args.teacher_name_or_path), started)
+        model = load_hf_model(ctx, args.teacher_name_or_path)
+        return finish_stage(ctx, stage, _given_record(ctx, stage, args.teacher_name_or_path, model), started)
     model = load_hf_model(ctx, args.model_name_or_path)
-    size = model_size_bytes(model)
+    size, parts = model_size_bytes(model), size_parts(model)
     record = train_stage(
         ctx, stage, model,
         loss_fn=lambda outputs, teacher_outputs, batch: outputs.loss,
         save_model=lambda unwrapped, directory: save_hf_model(ctx, unwrapped, directory),
     )
-    record.update(model=BEST_DIR, metrics=record["best_metrics"], size_bytes=size)
+    copy_best_predictions(ctx, stage)
+    record.update(model=BEST_DIR, metrics=record["best_metrics"], size_bytes=size, size_parts=parts)
     return finish_stage(ctx, stage, record, started)
+
+
+def stage_model_path(ctx: Context, name: str) -> str:
+    """Where a finished stage's model is (its ``best/`` folder, or the given ``--teacher_name_or_path`` /
+    ``--width_name_or_path``)."""
+    done = ctx.done(name)
+    if done is None:
+        raise RuntimeError(f"the {name} stage has not finished; it must run before the stages that use its model")
+    model = done["model"]
+    return str(ctx.stage_dir(name) / model) if model == BEST_DIR else model
 
 
 def teacher_model_path(ctx: Context) -> str:
     """Where the finished teacher stage's model is (its ``best/`` folder or ``--teacher_name_or_path``)."""
-    done = ctx.done("teacher")
-    if done is None:
-        raise RuntimeError("the teacher stage has not finished; it must run before any student stage")
-    model = done["model"]
-    return str(ctx.stage_dir("teacher") / model) if model == BEST_DIR else model
+    return stage_model_path(ctx, "teacher")
+
+
+def load_teacher(ctx: Context, stage: Stage) -> nn.Module:
+    """The frozen teacher of a distillation stage (eager attention, whose scores the hidden-state loss reads): the
+    full-width teacher or the width stage's narrow model."""
+    path = stage_model_path(ctx, stage.teacher)
+    if stage.teacher == "teacher":
+        return load_hf_model(ctx, path, attn_implementation="eager")
+    return load_student(Path(path), attn_implementation="eager")
+
+
+def run_width(ctx: Context, stage: Stage) -> dict:
+    """The width stage: a full-precision copy of the teacher narrowed to ``--ternary_width`` (Taylor importance on
+    training examples), distilled from the full-width teacher on logits and hidden states (DynaBERT), or the given
+    ``--width_name_or_path`` evaluated."""
+    args = ctx.args
+    started = time.perf_counter()
+    start_partial(ctx, stage)
+    if args.width_name_or_path is not None:
+        model = load_student(Path(args.width_name_or_path))
+        record = _given_record(ctx, stage, args.width_name_or_path, model)
+        record.update(width=read_quantization(Path(args.width_name_or_path))["width"])
+        return finish_stage(ctx, stage, record, started)
+    set_seed(args.seed)
+    teacher = load_teacher(ctx, stage)
+    model, quantization = narrow_model(ctx, teacher_model_path(ctx), args.ternary_width)
+    loss_fn, forward_kwargs = distillation_loss(stage.loss, teacher, model, quantization, ctx.spec.is_regression,
+                                                ctx.accelerator.device)
+    record = train_stage(
+        ctx, stage, model, teacher=teacher, loss_fn=loss_fn, forward_kwargs=forward_kwargs,
+        save_model=lambda unwrapped, directory: save_student(unwrapped, directory, quantization, ctx.tokenizer),
+    )
+    copy_best_predictions(ctx, stage)
+    best = load_student(ctx.partial_dir(stage.name) / BEST_DIR)
+    record.update(model=BEST_DIR, metrics=record["best_metrics"], size_bytes=model_size_bytes(best),
+                  size_parts=size_parts(best), width=quantization["width"])
+    ctx.accelerator.free_memory()
+    return finish_stage(ctx, stage, record, started)
 
 
 def run_distill(ctx: Context, stage: Stage) -> dict:
-    """Stages 2 and 4: distil a quantized student from the teacher (hidden states + attention, or logits)."""
+    """Stages 2 and 4: distil a quantized student from its teacher (hidden states + attention, or logits)."""
     accelerator = ctx.accelerator
     if ctx.done(stage.init_from) is None:
         raise RuntimeError(f"stage {stage.name!r} starts from stage {stage.init_from!r}, which has not finished")
-    init_dir = ctx.stage_dir(stage.init_from) / BEST_DIR
-    init_quantization = None if stage.init_from == "teacher" else read_quantization(init_dir)
+    init_path = stage_model_path(ctx, stage.init_from)
+    init_quantization = None if stage.init_from == "teacher" else read_quantization(Path(init_path))
     started = time.perf_counter()
     start_partial(ctx, stage)
     set_seed(ctx.args.seed)
-    teacher = load_hf_model(ctx, teacher_model_path(ctx), attn_implementation="eager")
-    if init_quantization is None:
-        student, quantization = new_student(ctx, stage, teacher_model_path(ctx))
+    teacher = load_teacher(ctx, stage)
+    if init_quantization is None or init_quantization["weight_method"] is None:
+        student, quantization = new_student(ctx, stage, init_path, init_quantization)
     else:
-        student, quantization = load_student(init_dir), init_quantization
+        student, quantization = load_student(Path(init_path)), init_quantization
     loss_fn, forward_kwargs = distillation_loss(stage.loss, teacher, student, quantization,
-                                                ctx.spec.is_regression, accelerator.device)
+                                                ctx.spec.is_regression, accelerator.device,
+                                                teacher_is_narrow=stage.teacher == "width")
     record = train_stage(
         ctx, stage, student, teacher=teacher, loss_fn=loss_fn, forward_kwargs=forward_kwargs,
         save_model=lambda unwrapped, directory: save_student(unwrapped, directory, quantization, ctx.tokenizer),
+        optimizer_hook=(lambda optimizer: attach_optimizer(student, optimizer)) if stage.weight_method == "lat"
+        else None,
     )
+    copy_best_predictions(ctx, stage)
     best = load_student(ctx.partial_dir(stage.name) / BEST_DIR)
     record.update(model=BEST_DIR, metrics=record["best_metrics"], size_bytes=model_size_bytes(best),
-                  width=quantization.get("width", 1.0))
+                  size_parts=size_parts(best), width=quantization.get("width", 1.0))
     accelerator.free_memory()
     return finish_stage(ctx, stage, record, started)
 
 
 def run_split(ctx: Context, stage: Stage) -> dict:
-    """Stage 3: ternary weight splitting of the finished ternary student into an equivalent binary one."""
+    """Stage 3: ternary weight splitting of the finished ternary student into an equivalent binary one (under
+    ``--split_budget``, of the most sensitive matrices only: the rest is binarized)."""
     accelerator = ctx.accelerator
     ternary = ctx.done(stage.init_from)
     if ternary is None:
         raise RuntimeError(f"stage {stage.name!r} splits stage {stage.init_from!r}, which has not finished")
     started = time.perf_counter()
     partial = start_partial(ctx, stage)
-    model, quantization = split_student(ctx.stage_dir(stage.init_from) / BEST_DIR)
+    include, budget = split_selection(ctx, stage)
+    model, quantization = split_student(ctx.stage_dir(stage.init_from) / BEST_DIR, include)
     if accelerator.is_main_process:
         save_student(model, partial / f"{BEST_DIR}.tmp", quantization, ctx.tokenizer)
         replace_dir(partial / f"{BEST_DIR}.tmp", partial / BEST_DIR)
     accelerator.wait_for_everyone()
-    # Evaluate the reloaded split model: it must match the ternary student it came from.
+    # Evaluate the reloaded split model: unbudgeted, it must match the ternary student it came from.
     model = load_student(partial / BEST_DIR)
     size = model_size_bytes(model)
-    metrics = evaluate_model(ctx, model.to(accelerator.device))
+    metrics, predictions = predict_model(ctx, model.to(accelerator.device))
+    write_predictions(ctx, stage, predictions)
     record = {"model": BEST_DIR, "metrics": metrics, "ternary_metrics": ternary["metrics"], "best_step": 0,
-              "width": quantization.get("width", 1.0),
-              "steps": 0, "tokens": 0, "train_seconds": 0.0, "tokens_per_second": 0.0, "size_bytes": size}
+              "width": quantization.get("width", 1.0), "split_budget_bytes": budget,
+              "split": quantization["split"], "steps": 0, "tokens": 0, "train_seconds": 0.0,
+              "tokens_per_second": 0.0, "size_bytes": size, "size_parts": size_parts(model)}
     return finish_stage(ctx, stage, record, started)
 
 
-STAGE_RUNNERS = {"teacher": run_teacher, "distill": run_distill, "split": run_split}
-STAGE_DETAILS = {"teacher": "fine-tune the full-precision model", "split": "ternary weight splitting"}
+def split_selection(ctx: Context, stage: Stage) -> tuple[list[str] | None, int | None]:
+    """The module names TWS splits under ``--split_budget`` and the budget in bytes (``None, None``: no budget,
+    split all). Sensitivities are measured on training examples (never the dev set)."""
+    budget = ctx.args.split_budget
+    if budget == "none":
+        return None, None
+    if budget == "bwn":
+        teacher = load_hf_model(ctx, teacher_model_path(ctx))
+        quantize_bwn(teacher, stage.act_bits)
+        total = model_size_bytes(teacher)
+    else:
+        total = round(budget * 1e6)
+    names = adaptive_split(ctx, ctx.stage_dir(stage.init_from) / BEST_DIR, total)
+    ctx.console.write(f"[{stage.name}] --split_budget {budget}: {total / 1e6:.3f} MB; splitting {len(names)} "
+                      f"module(s), binarizing the other ternary ones")
+    return names, total
+
+
+STAGE_RUNNERS = {"teacher": run_teacher, "width": run_width, "distill": run_distill, "split": run_split}
+STAGE_DETAILS = {"teacher": "fine-tune the full-precision model", "split": "ternary weight splitting",
+                 "width": "narrow the teacher and distil logits and hidden states from it (full precision)"}
 
 
 def stage_detail(stage: Stage) -> str:
     """What a stage does, for its header line."""
     if stage.kind == "distill":
         target = "hidden states and attention scores" if stage.loss == "hidden" else "logits"
-        return f"W-E-A {stage.bits}, distil {target} from {stage.init_from}"
+        source = stage.init_from if stage.init_from == stage.teacher else f"{stage.teacher}, from {stage.init_from}"
+        return f"W-E-A {stage.bits}, distil {target} from {source}"
     return f"W-E-A {stage.bits}, {STAGE_DETAILS[stage.kind]}"
 
 
 def tracker_config(ctx: Context) -> dict:
     """The run's settings for the trackers (scalars only: TensorBoard's hyperparameters take no ``None``)."""
-    config = {**ctx.fingerprint(), "quant": ctx.args.quant, "act_bits": ctx.args.act_bits}
+    config = {**ctx.fingerprint(), "quant": ctx.args.quant, "act_bits": ",".join(map(str, ctx.args.act_bits))}
     return {key: value if isinstance(value, int | float | str | bool) else str(value) for key, value in config.items()}
 
 

@@ -5,7 +5,8 @@ Public API (everything else is private):
 - Layers: ``QuantLinear``, ``BinaryLinear``, ``TernaryLinear``, ``QuantEmbedding``, ``ActQuantizer``.
 - Module swap: ``QuantConfig``, ``quantize_``, ``dequantize_``.
 - Functional ops: ``quant_linear`` (options in one ``QuantOptions``), ``quant_embedding``.
-- Loss-aware ternarization: ``attach_optimizer``.
+- Loss-aware ternarization: ``attach_optimizer``; ``second_moments`` / ``load_second_moments`` save and restore
+  what it quantizes with.
 - Ternary weight splitting (BinaryBERT): ``split_ternary_to_binary``, ``SplitBinaryLinear``,
   ``SplitBinaryEmbedding``; adaptive splitting: ``split_candidates``, ``split_costs``,
   ``measure_split_sensitivity``, ``choose_splits``.
@@ -39,6 +40,8 @@ from triton_bq.nn import (
     SplitBinaryLinear,
     TernaryLinear,
     attach_optimizer,
+    load_second_moments,
+    second_moments,
 )
 from triton_bq.ops import packed_linear, quant_embedding, quant_linear
 from triton_bq.options import QuantOptions
@@ -65,6 +68,8 @@ __all__ = [
     "TernaryLinear",
     "TritonBQConfig",
     "attach_optimizer",
+    "load_second_moments",
+    "second_moments",
     "capture_attention_scores",
     "choose_splits",
     "dequantize_",

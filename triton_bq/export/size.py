@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import transformers
@@ -112,6 +112,24 @@ class SizeReport:
             row["stored_bytes"] += entry.stored_bytes
             row["fp32_bytes"] += entry.fp32_bytes
         return {name: row for name, row in sums.items() if row["numel"]}
+
+    def by_part(self, parts: Mapping[str, Sequence[str]], rest: str = "rest") -> dict[str, dict[str, int]]:
+        """Stored bytes and low-bit weight counts per part of the model: ``parts`` maps a part's name to the entry
+        name prefixes it holds (e.g. ``{"encoder": ("bert.encoder.",)}``); entries under none of them go to
+        ``rest``. Each part: ``{"stored_bytes", "binary_weights", "ternary_weights"}``, in ``parts`` order then
+        ``rest``; the parts' bytes sum to ``stored_bytes``."""
+        if rest in parts:
+            raise ValueError(f"rest={rest!r} is also a name in parts")
+        sums = {name: dict(stored_bytes=0, binary_weights=0, ternary_weights=0) for name in (*parts, rest)}
+        for entry in self.entries:
+            part = next((name for name, prefixes in parts.items()
+                         if any(entry.name.startswith(prefix) for prefix in prefixes)), rest)
+            sums[part]["stored_bytes"] += entry.stored_bytes
+            if entry.component == "binary weights":
+                sums[part]["binary_weights"] += entry.numel
+            elif entry.component == "ternary weights":
+                sums[part]["ternary_weights"] += entry.numel
+        return sums
 
     def table(self, unit: str = "MiB") -> str:
         """A Markdown table: component, values, fp32 size, stored size (in ``unit``: B, KB, MB, KiB, MiB), total."""

@@ -1,7 +1,7 @@
 """Quantized layers: training layers on latent full-precision weights, split-binary layers and packed inference
 layers, with the activation quantizer and quantized self-attention they use."""
 
-from triton_bq.nn.activation import ActQuantizer, attach_optimizer
+from triton_bq.nn.activation import ActQuantizer, attach_optimizer, load_second_moments, second_moments
 from triton_bq.nn.attention import QuantSelfAttentionMixin, dequantize_attention, quantize_attention
 from triton_bq.nn.embedding import QuantEmbedding
 from triton_bq.nn.linear import BinaryLinear, QuantLinear, TernaryLinear
@@ -21,6 +21,8 @@ __all__ = [
     "SplitBinaryLinear",
     "TernaryLinear",
     "attach_optimizer",
+    "load_second_moments",
+    "second_moments",
     "dequantize_attention",
     "quantize_attention",
 ]

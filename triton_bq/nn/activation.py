@@ -11,7 +11,8 @@ from torch import nn
 from triton_bq import reference
 from triton_bq.options import ACT_GRANULARITIES, QuantOptions, check_choice
 
-__all__ = ["ActQuantizer", "attach_optimizer", "default_act_method", "second_moment_of"]
+__all__ = ["ActQuantizer", "attach_optimizer", "default_act_method", "load_second_moments", "second_moment_of",
+           "second_moments"]
 
 
 def default_act_method(bits: int) -> str:
@@ -208,3 +209,39 @@ def second_moment_of(module: nn.Module) -> torch.Tensor | None:
             module._lat_warned = True
         return None
     return link.second_moment(module.weight)
+
+
+def second_moments(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The second moment each loss-aware (``weight_method="lat"``) module of ``model`` quantizes with now, by module
+    name (modules without one, e.g. before the optimizer's first step, are left out).
+
+    Saved beside the weights, it lets a reloaded model quantize exactly as this one does (``load_second_moments``).
+    """
+    moments = {}
+    for name, module in model.named_modules():
+        if getattr(module, "weight_method", None) == "lat":
+            moment = second_moment_of(module)
+            if moment is not None:
+                moments[name] = moment.detach().clone()
+    return moments
+
+
+def load_second_moments(model: nn.Module, moments: dict[str, torch.Tensor]) -> int:
+    """Give the loss-aware modules named in ``moments`` (from ``second_moments``) those second moments, frozen (as a
+    copied model keeps them, until ``attach_optimizer`` links the model to an optimizer). Returns how many.
+
+    Raises ValueError for a name that is no loss-aware module of ``model`` or a moment of another shape than the
+    module's weight.
+    """
+    modules = dict(model.named_modules())
+    for name, moment in moments.items():
+        module = modules.get(name)
+        if module is None or getattr(module, "weight_method", None) != "lat":
+            raise ValueError(f"moments[{name!r}]: {name!r} is not a weight_method='lat' module of this model")
+        if not isinstance(moment, torch.Tensor) or moment.shape != module.weight.shape:
+            shape = tuple(moment.shape) if isinstance(moment, torch.Tensor) else type(moment).__name__
+            raise ValueError(f"moments[{name!r}] must have the shape of its weight {tuple(module.weight.shape)}, "
+                             f"got {shape}")
+    for name, moment in moments.items():
+        modules[name]._lat_optimizer = _FrozenMoment(moment.detach().clone())
+    return len(moments)
