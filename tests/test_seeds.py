@@ -42,8 +42,9 @@ def write_run(directory: Path, seed: int, with_ternary: bool = True, regression:
     directory.mkdir(parents=True, exist_ok=True)
     tws_accuracy = 1 - len(TWS_WRONG[seed]) / N
     bwn_accuracy = 1 - len(bwn_wrong[seed]) / N
-    parts = {"encoder_bytes": 4_000_000, "word_embedding_bytes": 800_000, "other_bytes": 200_000,
-             "encoder_1bit_weights": 32_000_000, "encoder_2bit_weights": 0}
+    parts = {"encoder": {"stored_bytes": 4_000_000, "binary_weights": 1, "ternary_weights": 0},
+             "word_embedding": {"stored_bytes": 800_000, "binary_weights": 1, "ternary_weights": 0},
+             "rest": {"stored_bytes": 200_000, "binary_weights": 0, "ternary_weights": 0}}
     rows = [row("teacher", "32-32-32", 0.95 + 0.01 * (seed - 42), 90.0),
             row("binary_a8_logits", "1-1-8", tws_accuracy, 5.0, size_parts=parts),
             row("bwn_a8_logits", "1-1-8", bwn_accuracy, 5.0, size_parts=parts)]
@@ -169,7 +170,7 @@ def test_aggregate_seeds_means_stds_and_files(tmp_path):
     teacher = stages["teacher"]["metrics"]["f1"]
     assert teacher["mean"] == pytest.approx(0.48) and teacher["std"] == pytest.approx(0.005)
     assert stages["teacher"]["size_mb"] == {"mean": 90.0, "std": 0.0, "values": [90.0] * 3}
-    assert stages["bwn_a8_logits"]["size_parts"]["encoder_bytes"] == 4_000_000
+    assert stages["bwn_a8_logits"]["size_parts"]["encoder"]["stored_bytes"] == 4_000_000
     assert "size_parts" not in stages["teacher"]
 
     (comparison,) = summary["comparisons"]

@@ -498,7 +498,8 @@ def test_script_teacher_and_report(tiny, tmp_path):
 @pytest.mark.slow
 def test_script_runs_every_quantized_stage(tiny, tmp_path):
     output_dir = tmp_path / "run"
-    result = run_script(tiny_argv(tiny, output_dir, "--quant", "binary", "--num_train_epochs", "1"))
+    result = run_script(tiny_argv(tiny, output_dir, "--quant", "binary", "--num_train_epochs", "1", "--seeds", "42,43"),
+                        timeout=480)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((output_dir / "report.json").read_text())
     finished = [row["stage"] for row in report["rows"]]
@@ -532,6 +533,58 @@ def test_script_runs_every_quantized_stage(tiny, tmp_path):
     assert kept == ["binary_a8_logits", "bwn_a8_logits", "teacher", "ternary_a8_logits", "width"]
     assert all((output_dir / row["stage"] / HISTORY_FILE).is_file() for row in report["rows"] if row["steps"])
     assert "ternary_a8_hidden" in result.stdout and "removed" in result.stdout
+    # --seeds 42,43: the second seed trains its quantized stages in seed_43/ from the first seed's teacher and
+    # width model (evaluated, not trained), and the seeds report pairs TWS with BWN on the same dev examples.
+    second = output_dir / "seed_43"
+    for stage in ("teacher", "width"):
+        given = read_done(second, stage)
+        assert given["steps"] == 0 and given["metrics"] == read_done(output_dir, stage)["metrics"]
+        assert given["model"] == str((output_dir / stage / "best").resolve())
+    assert read_done(second, "binary_a8_logits")["settings"]["seed"] == 43
+    summary = json.loads((output_dir / "seeds.json").read_text())
+    assert sorted(map(int, summary["seeds"])) == [42, 43]
+    [comparison] = summary["comparisons"]
+    assert (comparison["tws_stage"], comparison["bwn_stage"]) == ("binary_a8_logits", "bwn_a8_logits")
+    first_seed = [entry for entry in comparison["per_seed"] if int(entry["seed"]) == 42][0]
+    assert first_seed["tws_accuracy"] == pytest.approx(read_done(output_dir, "binary_a8_logits")["metrics"]["accuracy"])
+    assert 0 <= comparison["bootstrap"]["p_value"] <= 1
+    markdown = (output_dir / "seeds.md").read_text()
+    assert "significant at the 0.05 level" in markdown and "seeds.md" not in result.stderr
+
+
+@pytest.mark.slow
+def test_script_width_stage_resumes_and_is_skipped_when_finished(tiny, tmp_path):
+    output_dir = tmp_path / "run"
+    argv = tiny_argv(tiny, output_dir, "--stop_after", "width", "--num_train_epochs", "6",
+                     "--checkpointing_steps", "10", "--evals_per_epoch", "1", "--logging_steps", "40")
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *argv], cwd=REPO, env=child_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = output_dir / "width.partial"
+    deadline = time.monotonic() + 240
+    while latest_checkpoint(partial) is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    checkpoint = latest_checkpoint(partial)
+    assert checkpoint is not None and read_done(output_dir, "teacher") and not (output_dir / "width").exists()
+    step = int(checkpoint.name.removeprefix("step_"))
+    result = run_script([*argv, "--resume_from_checkpoint", "latest"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "[teacher] finished earlier, skipped" in result.stdout
+    assert f"[width] resumed from {checkpoint} at step {step}" in result.stdout
+    done = read_done(output_dir, "width")
+    assert done["steps"] == 72 and done["width"] == 0.5 and done["kind"] == "width"
+    # A full-precision narrow model: half the heads and FFN neurons, nothing quantized, loss on logits + hidden.
+    history = read_history(output_dir / "width" / HISTORY_FILE)
+    assert all({"logits", "hidden"} <= set(record) for record in history if "loss" in record)
+    quantization = json.loads((output_dir / "width" / "best" / "quantization.json").read_text())
+    assert quantization["weight_method"] is None and quantization["width"] == 0.5
+    narrow = models.load_student(output_dir / "width" / "best")
+    assert [layer.attention.self.num_attention_heads for layer in narrow.bert.encoder.layer] == [1, 1]
+    assert not any(type(module).__name__.startswith(("Quant", "Binary", "Ternary")) for module in narrow.modules())
+    again = run_script(argv)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "[width] finished earlier, skipped" in again.stdout and read_done(output_dir, "width") == done
 
 
 @pytest.mark.slow

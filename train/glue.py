@@ -73,7 +73,7 @@ from train.options import (  # noqa: E402
     OFFLINE_MAX_TRAIN_SAMPLES,
     TRACKER_PACKAGES,
 )
-from train.runner import run_pipeline  # noqa: E402
+from train.runner import run_pipeline, run_seeds  # noqa: E402
 from train.stages import STAGE_PREFIXES, TEACHERS  # noqa: E402
 
 
@@ -220,7 +220,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{processes} CPU processes (torch.distributed, gloo)", flush=True)
         sys.exit(subprocess.call(relaunch_command(processes, argv, Path(__file__).resolve())))
     with cooperating_output():
-        run_pipeline(args)
+        if args.seeds is not None:
+            run_seeds(args)
+        else:
+            run_pipeline(args)
 
 
 if __name__ == "__main__":

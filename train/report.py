@@ -29,7 +29,8 @@ LEGEND = (
     "size MB: the true stored size in 10^6 bytes (1 bit per binary weight, 2 per ternary weight, fp32 scales, "
     "the rest in fp32), split into the encoder (the transformer layers), the word embedding and the rest "
     "(position / token-type embeddings, LayerNorms, pooler, classifier); 1-bit / 2-bit enc: the encoder's binary / "
-    "ternary weights in millions (the paper compares models with the same encoder size). x smaller: the teacher's size divided by this one. train s: seconds in training steps; "
+    "ternary weights in millions (the paper compares models with the same encoder size). x smaller: the teacher's "
+    "size divided by this one. train s: seconds in training steps; "
     "wall s: the whole stage, evaluations and saving included; tokens/s: training tokens (all processes) per "
     "training second."
 )

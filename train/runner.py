@@ -13,10 +13,12 @@ size of the run folder.
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import time
 from pathlib import Path
 
+from accelerate import PartialState
 from accelerate.utils import set_seed
 from torch import nn
 
@@ -39,9 +41,11 @@ from train.models import (
     size_parts,
     split_student,
 )
+from train.options import check_args
 from train.report import folder_bytes, write_report
 from train.resume import finish_stage, remove_unneeded_models, start_partial
-from train.stages import Stage
+from train.seeds import aggregate_seeds, format_seeds_report, parse_seeds, seed_dir
+from train.stages import Stage, has_width_stage
 from triton_bq import attach_optimizer
 
 
@@ -273,3 +277,38 @@ def run_pipeline(args: argparse.Namespace) -> dict:
         accelerator.end_training()
     console.write(f"{ctx.output_dir} holds {folder_bytes(ctx.output_dir) / 1e6:.1f} MB")
     return report
+
+
+def seed_args(args: argparse.Namespace, seed: int, first: int) -> argparse.Namespace:
+    """The options of one seed's run: the first seed's in ``--output_dir``; any other in ``<output_dir>/seed_<s>``
+    with the first run's teacher and width model given (the seeds vary the quantized stages, not their teachers)."""
+    run = copy.copy(args)
+    run.seed, run.seeds = seed, None
+    if seed == first:
+        return run
+    base = Path(args.output_dir)
+    run.output_dir = str(seed_dir(base, seed, first))
+    if args.teacher_name_or_path is None:
+        run.teacher_name_or_path = str(base / "teacher" / BEST_DIR)
+    if has_width_stage(args) and args.width_name_or_path is None:
+        run.width_name_or_path = str(base / "width" / BEST_DIR)
+    return run
+
+
+def run_seeds(args: argparse.Namespace) -> dict:
+    """``--seeds``: the pipeline once per seed, then the seeds report (``train/seeds.py``): every stage's mean and
+    std over seeds, and the paired test of each TWS binary model against its BWN baseline. Returns its summary."""
+    seeds = parse_seeds(args.seeds)
+    check_args(args)
+    run_dirs = {}
+    for seed in seeds:
+        run = seed_args(args, seed, seeds[0])
+        run_pipeline(run)
+        run_dirs[seed] = Path(run.output_dir)
+    summary = None
+    state = PartialState()
+    if state.is_main_process:
+        summary = aggregate_seeds(run_dirs, Path(args.output_dir))
+        print(format_seeds_report(summary), flush=True)
+    state.wait_for_everyone()
+    return summary

@@ -195,8 +195,8 @@ def compare_pair(run_dirs: dict[int, Path], reports: dict[int, dict], act_bits: 
     result["size_mb"] = {"tws": rows[both[0]][tws_stage]["size_mb"], "bwn": rows[both[0]][bwn_stage]["size_mb"]}
     for key, stage in (("tws", tws_stage), ("bwn", bwn_stage)):
         parts = rows[both[0]][stage].get("size_parts")
-        if parts and "encoder_bytes" in parts:
-            result.setdefault("encoder_mb", {})[key] = parts["encoder_bytes"] / 1e6
+        if parts and "encoder" in parts:
+            result.setdefault("encoder_mb", {})[key] = parts["encoder"]["stored_bytes"] / 1e6
     predictions = {seed: {stage: read_predictions(run_dirs[seed], stage) for stage in (tws_stage, bwn_stage)}
                    for seed in both}
     lacking = [f"seed {seed} {stage}" for seed in both for stage, p in predictions[seed].items() if p is None]
