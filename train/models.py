@@ -26,7 +26,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 from train.context import QUANT_FILE, Context, keep_umask_modes, write_json
 from train.metrics import compute_metrics
 from train.stages import Stage
-from triton_bq import QuantConfig, load_second_moments, quantize_, save_packed, second_moments
+from triton_bq import QuantConfig, attach_optimizer, load_second_moments, quantize_, save_packed, second_moments
 from triton_bq.export.size import model_size_report, packed_size_bytes
 from triton_bq.recipe.adaptive import choose_splits, measure_split_sensitivity, split_candidates, split_costs
 from triton_bq.recipe.distill import attention_scores_loss, hidden_states_loss, logits_loss, record_attention_scores
@@ -225,6 +225,13 @@ def split_student(directory: Path, include: list[str] | None = None) -> tuple[nn
     quantization = read_quantization(directory)
     quantization.update(split=True if include is None else sorted(include))
     return model, quantization
+
+
+def optimizer_hook(student: nn.Module, weight_method: str | None):
+    """What a stage does with its optimizer once built: loss-aware ternary students read its second moments."""
+    if weight_method != "lat":
+        return None
+    return lambda optimizer: attach_optimizer(student, optimizer)
 
 
 def quantize_bwn(model: nn.Module, act_bits: int) -> nn.Module:

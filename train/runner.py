@@ -34,6 +34,7 @@ from train.models import (
     model_size_bytes,
     narrow_model,
     new_student,
+    optimizer_hook,
     quantize_bwn,
     read_quantization,
     save_hf_model,
@@ -46,7 +47,6 @@ from train.report import folder_bytes, write_report
 from train.resume import finish_stage, remove_unneeded_models, start_partial
 from train.seeds import aggregate_seeds, format_seeds_report, parse_seeds, seed_dir
 from train.stages import Stage, has_width_stage
-from triton_bq import attach_optimizer
 
 
 def write_predictions(ctx: Context, stage: Stage, predictions: dict) -> None:
@@ -167,8 +167,7 @@ def run_distill(ctx: Context, stage: Stage) -> dict:
     record = train_stage(
         ctx, stage, student, teacher=teacher, loss_fn=loss_fn, forward_kwargs=forward_kwargs,
         save_model=lambda unwrapped, directory: save_student(unwrapped, directory, quantization, ctx.tokenizer),
-        optimizer_hook=(lambda optimizer: attach_optimizer(student, optimizer)) if stage.weight_method == "lat"
-        else None,
+        optimizer_hook=optimizer_hook(student, stage.weight_method),
     )
     copy_best_predictions(ctx, stage)
     best = load_student(ctx.partial_dir(stage.name) / BEST_DIR)
