@@ -7,20 +7,19 @@ What is expected to match, and what not:
   (a partial last batch would be completed with repeated examples on 2 processes).
 - Padding: every process pads its batch to the longest sequence of the global batch (``train.loop.
   pad_to_global_length``); without it the hidden-state loss (mean over padded positions too) and per-tensor A8
-  scales differ (measured: 5e-3 on the first hidden-stage losses).
-- Schedule: warm-up and decay count optimizer steps of the global batch (measured before the fix: 5.6e-4 on the
-  teacher's third loss, warm-up rounded to 2.5 instead of 3 steps).
+  scales differ.
+- Schedule: warm-up and decay count optimizer steps of the global batch (before, 2 processes rounded the warm-up
+  in half steps).
 - Dropout is off in the tiny config: dropout masks are drawn per process, so with dropout the runs agree only in
   distribution. Evaluation: the same batches of 8 in both (the last one completed with duplicates on 2 processes,
   which ``gather_for_metrics`` drops: ``eval_samples`` is the dev size).
 - The students distil from the same (one-process) teacher: a quantized student amplifies the teacher's float-level
-  difference (measured: 1e-5 in weights) to 1e-2 in hidden-stage losses after one epoch, while from the same teacher
+  float-level difference to visible hidden-stage loss differences after an epoch, while from the same teacher
   it stays at float level. The 2-process teacher is compared by its own run.
 
 Tolerances (float32 sums in another order): losses of every step within ``*_LOSS``, best weights within
 ``*_WEIGHTS``, teacher dev accuracy equal, student dev accuracy within one dev example (an A8 student's prediction
-near the decision boundary may flip). Measured: teacher losses 6e-8, weights 7e-6; ternary A8 hidden stage losses
-6e-8, weights 7e-6; logits stage losses 6e-6, weights 3e-4; every dev accuracy equal. About 100 s on 2 busy cores.
+near the decision boundary may flip). The measured differences are beside the tolerances.
 """
 
 import csv
@@ -51,7 +50,9 @@ FILLER = ["the", "flight", "was", "movie", "food", "very", "really", "a", "it", 
 TRAIN_SIZE = 96
 DEV_SIZE = 33  # odd: the 2-process evaluation pads a shard with a duplicate that must not be counted
 GLOBAL_BATCH = 8  # one process takes all of it, each of 2 processes half
-TEACHER_LOSS, TEACHER_WEIGHTS = 1e-5, 1e-3
+TEACHER_LOSS, TEACHER_WEIGHTS = 1e-5, 1e-3  # measured: 6e-8, 7e-6
+# Measured: hidden stage 6e-8, 7e-6; logits stage 6e-6, 3e-4; every dev accuracy equal. Without the padding
+# fix the first hidden-stage losses differ by 5e-3, without the schedule fix the teacher's third loss by 6e-4.
 STUDENT_LOSS, STUDENT_WEIGHTS = 1e-4, 2e-3
 STAGES = ("teacher", "ternary_a8_hidden", "ternary_a8_logits")
 
