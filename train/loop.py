@@ -66,6 +66,22 @@ def _model_inputs(batch: dict) -> dict:
     return {key: value for key, value in batch.items() if key != "labels"}
 
 
+def pad_to_global_length(accelerator: Accelerator, batch: dict, tokenizer) -> dict:
+    """``batch`` with its sequences padded to the longest sequence of every process's batch (the global batch).
+
+    Each process's collator pads to its own longest example, one process pads the global batch to its longest:
+    padded positions count in the hidden-state and attention-score losses (their mean over all positions) and in
+    per-tensor activation scales (their min / max), so without this N processes would not train as one process does
+    on the same global batch. One process: ``batch`` itself.
+    """
+    if accelerator.num_processes == 1:
+        return batch
+    pad_first = tokenizer.padding_side == "left"
+    pad_values = {"input_ids": tokenizer.pad_token_id, "token_type_ids": tokenizer.pad_token_type_id}
+    return {key: accelerator.pad_across_processes(value, dim=1, pad_index=pad_values.get(key, 0), pad_first=pad_first)
+            if isinstance(value, torch.Tensor) and value.dim() >= 2 else value for key, value in batch.items()}
+
+
 @torch.no_grad()
 def predict(accelerator: Accelerator, model: nn.Module, eval_dataloader, spec: TaskSpec) -> tuple[dict, dict]:
     """Dev metrics of ``model`` over every process's shard, each example counted once (``gather_for_metrics``),
@@ -260,6 +276,7 @@ class StageLoop:
         """One optimizer step on ``batch``; returns the loss, its parts and the step's seconds."""
         accelerator = self.accelerator
         step_start = time.perf_counter()
+        batch = pad_to_global_length(accelerator, batch, self.ctx.tokenizer)
         teacher_outputs = None
         if self.teacher is not None:
             with torch.no_grad(), accelerator.autocast():
@@ -412,7 +429,10 @@ def train_stage(
     """
     accelerator, args = ctx.accelerator, ctx.args
     train_dataloader, eval_dataloader = get_dataloaders(ctx)
-    num_training_steps = len(train_dataloader) * args.num_train_epochs
+    # The schedule counts optimizer steps of the global batch (warm-up rounded up in those), as one process running
+    # every process's batches would; Accelerate steps a prepared scheduler once per process for each optimizer step.
+    processes = accelerator.num_processes
+    optimizer_steps = math.ceil(len(train_dataloader) / processes) * args.num_train_epochs
     # The fused AdamW kernel (CPU and CUDA) is one pass over the parameters instead of a dozen per tensor. The
     # parameters are still on the CPU here: accelerator.prepare moves them, so the accelerator's device decides.
     optimizer = torch.optim.AdamW(_parameter_groups(model, args.weight_decay), lr=stage.learning_rate,
@@ -420,8 +440,8 @@ def train_stage(
     if optimizer_hook is not None:
         optimizer_hook(optimizer)
     scheduler = get_linear_schedule_with_warmup(
-        optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * num_training_steps),
-        num_training_steps=num_training_steps,
+        optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * optimizer_steps) * processes,
+        num_training_steps=optimizer_steps * processes,
     )
     model, optimizer, train_dataloader, eval_dataloader, scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, scheduler

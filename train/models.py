@@ -179,10 +179,12 @@ def load_student(directory: Path, **kwargs) -> nn.Module:
 
 def width_importance(ctx: Context, model: nn.Module) -> dict:
     """Taylor importance of ``model``'s heads and FFN neurons (``triton_bq.recipe.width``) on the task loss of the first
-    ``WIDTH_IMPORTANCE_EXAMPLES`` training examples: the same examples, hence the same plan, on every process."""
+    ``WIDTH_IMPORTANCE_EXAMPLES`` training examples in batches of the global batch size: the same batches, hence the
+    same plan, on every process and for every process count on the same global batch."""
     train = ctx.tokenized["train"]
     subset = train.select(range(min(WIDTH_IMPORTANCE_EXAMPLES, len(train))))
-    loader = DataLoader(subset, batch_size=ctx.args.per_device_train_batch_size,
+    batch_size = ctx.args.per_device_train_batch_size * ctx.accelerator.num_processes
+    loader = DataLoader(subset, batch_size=batch_size,
                         collate_fn=DataCollatorWithPadding(ctx.tokenizer))
     device = ctx.accelerator.device
     model.to(device)
