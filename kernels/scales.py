@@ -158,8 +158,8 @@ def _act_row_params_kernel(
 ):
     """Per-token (zero, step) of BLOCK_M rows of clamp(x, lo, hi), stored at out[OFFSET + 2 * m]; program 0 also
     stores (lo, hi, 0, 0). sym: step = max|x_c| / qmax; asym: zero = min(min x_c, 0),
-    step = (max(max x_c, 0) - zero) / qmax; asym_lsq (clip = [-inf, inf]): zero = min x, step = the learned step
-    (also stored at out[3] for the grad_x kernel)."""
+    step = (max(max x_c, 0) - zero) / qmax; asym_lsq (clip = [-inf, inf]): zero = min(min x, 0), step = the
+    learned step (also stored at out[3] for the grad_x kernel)."""
     pid = tl.program_id(0)
     lo = tl.load(clip_ptr).to(tl.float32)
     hi = tl.load(clip_ptr + stride_clip).to(tl.float32)
@@ -184,7 +184,7 @@ def _act_row_params_kernel(
         step = tl.math.div_rn(_maximum_nan(-row_min, row_max), qmax)
     elif METHOD == 4:
         learned = tl.load(step_ptr).to(tl.float32)
-        zero = row_min
+        zero = _minimum_nan(row_min, tl.zeros([BLOCK_M], dtype=tl.float32))
         step = tl.zeros([BLOCK_M], dtype=tl.float32) + learned
     else:
         # Per-token asym ranges include 0 (reference.act_params): masked zeros do not move a row's range.

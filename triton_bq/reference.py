@@ -292,10 +292,13 @@ def act_params(
 
 def _asym_lsq_zero(x: torch.Tensor, granularity: str, sync: bool) -> torch.Tensor:
     """The zero point of ``asym_lsq``: BinaryBERT's ``input.min()`` (detached: no gradient flows through it), per
-    tensor (the global min under ``sync``) or per row of the last dim."""
+    tensor (the global min under ``sync``) or ``min(row min, 0)`` per row of the last dim."""
     xf = x.detach().float()
     if granularity == "per_token":
-        return xf.amin(dim=-1, keepdim=True)
+        # As per-token asym: a row's range includes 0, so the exact zeros of a causal model's masked probabilities
+        # (present in a full sequence's rows, absent from its prefix's last row) cannot move the zero point.
+        low = xf.amin(dim=-1, keepdim=True)
+        return torch.minimum(low, torch.zeros_like(low))
     low = xf.amin()
     if sync_world_size(sync) > 1:
         low, _ = all_reduce_min_max(low, low)
