@@ -43,7 +43,7 @@ from . import _common, configs, linear, packed_matmul
 
 # Activation quantizers of the grid: (act_method, act_bits, act_signed).
 _ACTS = {"none": (None, 8, True), "sym8": ("sym", 8, True), "asym8": ("asym", 8, True),
-         "lsq4": ("lsq", 4, True), "lsq4u": ("lsq", 4, False)}
+         "lsq4": ("lsq", 4, True), "lsq4u": ("lsq", 4, False), "asymlsq4": ("asym_lsq", 4, False)}
 # Compute setups: (x dtype, latent weight dtype, autocast dtype or None, float32 matmul precision).
 _COMPUTE = {
     "bf16-autocast": ("bfloat16", "float32", "bfloat16", "highest"),  # mixed-precision training, bf16 activations
@@ -115,7 +115,7 @@ def _grid(full: bool):
                                ste=ste)
         return
     computes = ["bf16-autocast", "bf16-autocast-fp32-x", "bf16", "fp32"]
-    combinations = [(act, path) for act in ("none", "sym8", "asym8", "lsq4")
+    combinations = [(act, path) for act in ("none", "sym8", "asym8", "lsq4", "asymlsq4")
                     for path in (("fused", "codes") if act != "none" else ("fused",))]
     for index, (compute, (act, path)) in enumerate(itertools.product(computes, combinations)):
         # Two setups per combination: every weight quantizer meets every dtype and activation.

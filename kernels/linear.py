@@ -29,7 +29,7 @@ from .scales import ROW_PARAMS_OFFSET, clamp_nan
 __all__ = ["ACT_PATHS", "act_path", "fused_quant_linear", "set_act_path"]
 
 _WEIGHT_CODES = {None: 0, "bwn": 1, "twn": 2, "lat": 2}
-_NONE, _SYM, _ASYM, _LSQ = (scales.ACT_CODES[name] for name in (None, "sym", "asym", "lsq"))
+_NONE, _SYM, _ASYM, _LSQ, _ASYM_LSQ = (scales.ACT_CODES[name] for name in (None, "sym", "asym", "lsq", "asym_lsq"))
 
 # How the activation codes reach the forward and grad_w GEMMs (see docs/kernels.md):
 # "fused": quantized in registers from x inside the GEMM main loops (no extra memory);
@@ -79,12 +79,13 @@ def _weight_codes(w, delta, W_MODE: tl.constexpr):
 
 @triton.jit
 def _act_codes(x, lo, hi, zero, safe, QMIN: tl.constexpr, QMAX: tl.constexpr, ACT: tl.constexpr):
-    """q = clamp(round_half_even((clamp(x, lo, hi) - zero) / safe), qmin, qmax) as integer-valued float32."""
+    """q = clamp(round_half_even((clamp(x, lo, hi) - zero) / safe), qmin, qmax) as integer-valued float32.
+    ACT 1 / 2 (sym / asym) clip; ACT 2 / 4 (asym / asym_lsq) subtract the zero point."""
     # NaN propagates through both clamps (as in torch), so a NaN input gives a NaN code and output.
     v = x.to(tl.float32)
-    if ACT != 3:
+    if ACT == 1 or ACT == 2:
         v = clamp_nan(v, lo, hi)
-    if ACT == 2:
+    if ACT == 2 or ACT == 4:
         v = v - zero
     v = tl.math.div_rn(v, safe)
     # Clamping to the integer bounds before rounding gives the same code and keeps |v| < 2**22 for the rounding.
@@ -172,7 +173,7 @@ def _quant_linear_fwd_kernel(
         w = tl.load(w_ptrs, mask=mask_k[None, :], other=0.0)  # [BN, BK]
         xt = tl.load(xt_ptrs, mask=mask_k[:, None], other=0.0)  # [BK, BM]
         c = _weight_codes(w, delta, W_MODE)
-        if ACT == 2:
+        if ACT == 2 or ACT == 4:
             # The asym code of a padded x is not 0 and sign(0) = +1: zero the K tail of c for the dot and the sum.
             c = to_dtype(tl.where(mask_k[None, :], c, 0.0), dot_dtype)
             code_sum += tl.sum(c.to(tl.float32), axis=1)
@@ -187,7 +188,7 @@ def _quant_linear_fwd_kernel(
         xt_ptrs += BLOCK_K * stride_xk
     if ACT != 0:
         acc = acc * step
-        if ACT == 2:
+        if ACT == 2 or ACT == 4:
             acc += zero * code_sum[:, None]
     if W_MODE != 0:
         if ALPHA_PER_ROW:
@@ -220,13 +221,14 @@ def _quant_linear_bwd_x_kernel(
     M, N, K, num_slot_m, num_slot_k,
     stride_gm, stride_gn, stride_wn, stride_wk, stride_xm, stride_xk, stride_gxm, stride_gxk,
     W_MODE: tl.constexpr, ALPHA_PER_ROW: tl.constexpr, DELTA_PER_ROW: tl.constexpr,
-    ACT: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    ACT: tl.constexpr, ACT_PER_ROW: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
     STORE_GRAD_X: tl.constexpr, PARTIALS: tl.constexpr, PRECISION: tl.constexpr,
     SLOT_M: tl.constexpr, SLOT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """g^T = (alpha * c)^T @ grad_y^T is the grad of x_hat; grad_x = g * 1[lo < x < hi] (clip) or
-    g * 1[qmin < x/s < qmax] (LSQ). PARTIALS: per-slot sums of g over x <= lo and x >= hi, or of g * dq/ds."""
+    """g^T = (alpha * c)^T @ grad_y^T is the grad of x_hat; grad_x = g * 1[lo < x < hi] (clip),
+    g * 1[qmin < x/s < qmax] (LSQ) or g * 1[0 <= (x - zero)/s <= qmax] (asym_lsq: BinaryBERT's strict tests; zero
+    per token when ACT_PER_ROW). PARTIALS: per-slot sums of g over x <= lo and x >= hi, or of g * dq/ds."""
     dot_dtype = gy_ptr.dtype.element_ty
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -264,11 +266,19 @@ def _quant_linear_bwd_x_kernel(
             v = tl.math.div_rn(xt, tl.load(act_ptr + 3))
             below = v <= QMIN
             above = v >= QMAX
+        elif ACT == 4:
+            if ACT_PER_ROW:
+                row_zero, _, _ = _load_row_params(act_ptr, rows, rows < M, ROW_PARAMS_OFFSET)
+                v = tl.math.div_rn(xt - row_zero[None, :], tl.load(act_ptr + 3))
+            else:
+                v = tl.math.div_rn(xt - tl.load(act_ptr + 2), tl.load(act_ptr + 3))
+            below = v < QMIN
+            above = v > QMAX
         else:
             below = xt <= tl.load(act_ptr)
             above = xt >= tl.load(act_ptr + 1)
         if PARTIALS:
-            if ACT == 3:
+            if ACT == 3 or ACT == 4:
                 inner = round_half_even(tl.minimum(tl.maximum(v, QMIN * 1.0), QMAX * 1.0)) - v
                 local = tl.where(below, QMIN * 1.0, tl.where(above, QMAX * 1.0, inner))
                 _store_slot_sums(
@@ -334,7 +344,7 @@ def _quant_linear_bwd_w_kernel(
         gy_ptrs += BLOCK_M * stride_gm
     if ACT != 0 and not ACT_PER_ROW:
         acc = acc * step
-        if ACT == 2:
+        if ACT == 2 or ACT == 4:
             acc += zero * tl.load(gsum_ptr + rows)[None, :]
     if CLIPPED:
         wt = tl.load(w_ptr + cols[:, None] * stride_wk + rows[None, :] * stride_wn).to(tl.float32)  # [BK, BN]
@@ -458,7 +468,8 @@ def _backward_x(grad_y, weight, x, alpha, delta, params, spec: _Spec, store_grad
     )
     constexprs = dict(
         W_MODE=spec.weight_mode, ALPHA_PER_ROW=spec.alpha_per_row, DELTA_PER_ROW=spec.delta_per_row,
-        ACT=spec.act, QMIN=spec.qmin, QMAX=spec.qmax, STORE_GRAD_X=store_grad_x, PARTIALS=partials,
+        ACT=spec.act, ACT_PER_ROW=spec.act_per_row, QMIN=spec.qmin, QMAX=spec.qmax, STORE_GRAD_X=store_grad_x,
+        PARTIALS=partials,
         PRECISION=spec.precision, SLOT_M=_SLOT_M, SLOT_K=_SLOT_K,
     )
     options = _configs("bwd_x", spec, x, weight, partials)
@@ -505,8 +516,9 @@ class _FusedQuantLinear(torch.autograd.Function):
         alpha, delta = _weight_scales(weight, weight_method, options.granularity, weight_scale, weight_threshold)
         act = scales.ACT_CODES[act_method]
         params, (qmin, qmax) = None, (0, 0)
-        # The LSQ step is learned (one value whatever the granularity); only sym / asym scales are per token.
-        act_per_row = act in (_SYM, _ASYM) and options.act_granularity == "per_token"
+        # The LSQ step is learned (one value whatever the granularity); sym / asym scales and the asym_lsq zero
+        # point are per token.
+        act_per_row = act in (_SYM, _ASYM, _ASYM_LSQ) and options.act_granularity == "per_token"
         if act != _NONE:
             qmin, qmax = reference.act_qrange(act_method, options.act_bits, options.act_signed)
             if x2.shape[0] > 0:
@@ -529,7 +541,7 @@ class _FusedQuantLinear(torch.autograd.Function):
         ctx.sync = options.act_sync
         ctx.x_shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
-        param = act_step if act == _LSQ else act_clip
+        param = act_step if act in (_LSQ, _ASYM_LSQ) else act_clip
         ctx.act_param_meta = None if param is None else (param.dtype, param.shape)
         return y.reshape(*x.shape[:-1], n)
 
@@ -540,7 +552,8 @@ class _FusedQuantLinear(torch.autograd.Function):
         m, k = x2.shape
         n = weight.shape[0]
         needs = ctx.needs_input_grad
-        need_act = spec.act != _NONE and needs[6 if spec.act == _LSQ else 5]
+        learned_step = spec.act in (_LSQ, _ASYM_LSQ)
+        need_act = spec.act != _NONE and needs[6 if learned_step else 5]
         grad_y = grad_y.reshape(-1, n)
         grad_x = grad_w = grad_bias = grad_clip = grad_step = None
         partial_sum = torch.zeros(2, dtype=torch.float32, device=x2.device)
@@ -554,7 +567,7 @@ class _FusedQuantLinear(torch.autograd.Function):
             if partial is not None:
                 partial_sum = partial.sum(dim=(0, 1))
         grad_sum = None
-        if needs[2] or (m > 0 and needs[1] and spec.act == _ASYM and not spec.act_per_row):
+        if needs[2] or (m > 0 and needs[1] and spec.act in (_ASYM, _ASYM_LSQ) and not spec.act_per_row):
             grad_sum = grad_y.sum(dim=0, dtype=torch.float32)
         if m > 0 and needs[1]:
             grad_w = _backward_w(grad_y, x2, weight, params, grad_sum, spec)
@@ -562,7 +575,7 @@ class _FusedQuantLinear(torch.autograd.Function):
             grad_bias = grad_sum.to(ctx.bias_dtype)
         if need_act:
             dtype, shape = ctx.act_param_meta
-            if spec.act == _LSQ:
+            if learned_step:
                 scale = reference.lsq_grad_scale(m * k, spec.qmax, ctx.sync)
                 grad_step = (partial_sum[0] * scale).to(dtype).reshape(shape)
             else:

@@ -19,7 +19,7 @@ from ._common import check_kernel_tensor, launch, new_output
 __all__ = ["ACT_CODES", "ROW_PARAMS_OFFSET", "act_params", "clamp_nan", "weight_scale_threshold"]
 
 # Activation method codes shared with the GEMM kernels (constexpr ints).
-ACT_CODES = {None: 0, "sym": 1, "asym": 2, "lsq": 3}
+ACT_CODES = {None: 0, "sym": 1, "asym": 2, "lsq": 3, "asym_lsq": 4}
 
 
 def _configs(kernel: str, device: torch.device) -> tuple:
@@ -153,12 +153,13 @@ def _act_minmax_kernel(
 
 @triton.jit
 def _act_row_params_kernel(
-    x_ptr, clip_ptr, out_ptr, M, K, stride_xm, stride_xk, stride_clip,
+    x_ptr, clip_ptr, step_ptr, out_ptr, M, K, stride_xm, stride_xk, stride_clip,
     METHOD: tl.constexpr, QMAX: tl.constexpr, OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Per-token (zero, step) of BLOCK_M rows of clamp(x, lo, hi), stored at out[OFFSET + 2 * m]; program 0 also
     stores (lo, hi, 0, 0). sym: step = max|x_c| / qmax; asym: zero = min(min x_c, 0),
-    step = (max(max x_c, 0) - zero) / qmax."""
+    step = (max(max x_c, 0) - zero) / qmax; asym_lsq (clip = [-inf, inf]): zero = min(min x, 0), step = the
+    learned step (also stored at out[3] for the grad_x kernel)."""
     pid = tl.program_id(0)
     lo = tl.load(clip_ptr).to(tl.float32)
     hi = tl.load(clip_ptr + stride_clip).to(tl.float32)
@@ -177,9 +178,14 @@ def _act_row_params_kernel(
     row_min = tl.reduce(low, 1, _minimum_nan)  # [BM]
     row_max = tl.reduce(high, 1, _maximum_nan)
     qmax = tl.full([BLOCK_M], QMAX, dtype=tl.float32)
+    learned = 0.0
     if METHOD == 1:
         zero = tl.zeros([BLOCK_M], dtype=tl.float32)
         step = tl.math.div_rn(_maximum_nan(-row_min, row_max), qmax)
+    elif METHOD == 4:
+        learned = tl.load(step_ptr).to(tl.float32)
+        zero = _minimum_nan(row_min, tl.zeros([BLOCK_M], dtype=tl.float32))
+        step = tl.zeros([BLOCK_M], dtype=tl.float32) + learned
     else:
         # Per-token asym ranges include 0 (reference.act_params): masked zeros do not move a row's range.
         zero = _minimum_nan(row_min, tl.zeros([BLOCK_M], dtype=tl.float32))
@@ -190,7 +196,7 @@ def _act_row_params_kernel(
         tl.store(out_ptr, lo)
         tl.store(out_ptr + 1, hi)
         tl.store(out_ptr + 2, 0.0)
-        tl.store(out_ptr + 3, 0.0)
+        tl.store(out_ptr + 3, learned)
 
 
 @triton.jit
@@ -199,7 +205,7 @@ def _act_params_kernel(
     METHOD: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """out = (lo, hi, zero, step). sym: step = max|x_c| / qmax; asym: zero = min x_c, step = (max - min) / qmax;
-    lsq: (-inf, +inf, 0, s)."""
+    lsq: (-inf, +inf, 0, s); asym_lsq (clip = [-inf, inf]): (-inf, +inf, min x, s)."""
     if METHOD == 3:
         lo = tl.full([], float("-inf"), dtype=tl.float32)
         hi = tl.full([], float("inf"), dtype=tl.float32)
@@ -220,6 +226,9 @@ def _act_params_kernel(
         if METHOD == 1:
             zero = tl.full([], 0.0, dtype=tl.float32)
             step = tl.math.div_rn(_maximum_nan(-x_min, x_max), tl.full([], QMAX, dtype=tl.float32))
+        elif METHOD == 4:
+            zero = x_min
+            step = tl.load(step_ptr).to(tl.float32)
         else:
             zero = x_min
             step = tl.math.div_rn(x_max - x_min, tl.full([], QMAX, dtype=tl.float32))
@@ -311,7 +320,9 @@ def act_params(
     per-token sym / asym append ``(zero, step)`` of row ``m`` at ``ROW_PARAMS_OFFSET + 2 * m``.
 
     Same values as ``triton_bq.reference.act_params``; per-tensor sym / asym reduce ``clamp(x, lo, hi)`` in two
-    small launches (with ``sync``, one all-reduce of the min / max in between), per-token in one.
+    small launches (with ``sync``, one all-reduce of the min / max in between), per-token in one. ``asym_lsq``
+    reduces the unclipped ``x`` the same way (its clip is ``[-inf, inf]``): per token, every row's step is the
+    learned step.
     """
     check_choice("act_granularity", granularity, ACT_GRANULARITIES)
     qmin, qmax = reference.act_qrange(method, bits, signed)
@@ -326,18 +337,26 @@ def act_params(
             dict(METHOD=ACT_CODES[method], QMAX=qmax),
         )
         return params, qmin, qmax
+    step_operand = None
+    if method == "asym_lsq":
+        if step is None or step.numel() != 1:
+            raise ValueError(f"act_method='asym_lsq' needs a one-element act_step, got {step!r}")
+        step_operand = step.detach().reshape(1)
+        # BinaryBERT's min is of the raw input: an infinite clip makes the min-max reductions' clamp a no-op.
+        clip = torch.tensor([-float("inf"), float("inf")], dtype=torch.float32, device=x.device)
     if clip is None or clip.numel() != 2:
         raise ValueError(f"act_method={method!r} needs act_clip with 2 elements (lo, hi), got {clip!r}")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [tokens, features] here, got shape {tuple(x.shape)}")
     clip = clip.detach().reshape(2)
+    step_operand = clip if step_operand is None else step_operand
     m, k = x.shape
     options = _configs("act", x.device)
     if granularity == "per_token":
         params = new_output((ROW_PARAMS_OFFSET + 2 * m,), torch.float32, x.device)
         launch(
             _act_row_params_kernel, (max(triton.cdiv(m, options[0].kwargs["BLOCK_M"]), 1),), options,
-            (x, clip, params, m, k, x.stride(0), x.stride(1), clip.stride(0)),
+            (x, clip, step_operand, params, m, k, x.stride(0), x.stride(1), clip.stride(0)),
             dict(METHOD=ACT_CODES[method], QMAX=qmax, OFFSET=ROW_PARAMS_OFFSET),
         )
         return params, qmin, qmax
@@ -353,6 +372,7 @@ def act_params(
         partials, num_partials = torch.stack([low, high]).reshape(1, 2), 1
     launch(
         _act_params_kernel, (1,), _configs("final", x.device),
-        (partials, num_partials, clip, clip.stride(0), clip, params), dict(METHOD=ACT_CODES[method], QMAX=qmax),
+        (partials, num_partials, clip, clip.stride(0), step_operand, params),
+        dict(METHOD=ACT_CODES[method], QMAX=qmax),
     )
     return params, qmin, qmax

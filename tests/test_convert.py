@@ -48,14 +48,15 @@ def test_binary_swap_covers_the_paper_sites_and_keeps_the_head():
     assert out.shape == expected.shape and not torch.allclose(out, expected)
 
 
-def test_ternary_a4_swap_uses_lsq_everywhere():
+def test_ternary_a4_swap_uses_lsq_and_binarybert_asym_lsq():
     model = tiny_bert()
     triton_bq.quantize_(model, triton_bq.QuantConfig(weight_method="twn", act_bits=4, backend="reference"))
     layer = model.bert.encoder.layer[0]
     assert isinstance(layer.intermediate.dense, triton_bq.TernaryLinear)
     assert layer.intermediate.dense.act_quantizer.method == "lsq"
-    assert layer.attention.self.probs_quantizer.method == "lsq"
-    assert layer.attention.self.probs_quantizer.signed is False
+    # BinaryBERT (sym_quant_ffn_attn=False): asymmetric LSQ for the FFN-output input and the probabilities.
+    assert layer.output.dense.act_quantizer.method == "asym_lsq"
+    assert layer.attention.self.probs_quantizer.method == "asym_lsq"
     model.train()
     inputs = bert_inputs()
     captured = {}

@@ -1,5 +1,6 @@
 """Data-parallel exactness on 2 gloo processes (CPU): DDP and FSDP2 ``fully_shard`` against one process on the same
-global batch, for weight-only, A8 (sym and asym, per tensor with synchronized scales, and per token) and A4 LSQ,
+global batch, for weight-only, A8 (sym and asym, per tensor with synchronized scales, and per token) and A4 LSQ (signed,
+and asymmetric with an all-reduced min),
 on both backends (the fused kernels run in the Triton interpreter here, so they run the synchronized cases
 under DDP only: FSDP2 hands the op the same all-gathered tensors).
 

@@ -85,6 +85,7 @@ ACTS = {
     "a8-asym": Act("asym", 8),
     "a4-lsq-signed": Act("lsq", 4, True),
     "a4-lsq-unsigned": Act("lsq", 4, False),
+    "a4-asym-lsq": Act("asym_lsq", 4),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -98,7 +99,7 @@ def make_inputs(shape: Shape, act: Act, dtype, device, seed=0):
     weight = torch.randn(shape.n, shape.k, generator=generator) * 0.8
     bias = torch.randn(shape.n, generator=generator)
     clip = torch.tensor([-2.5, 2.0])
-    step = torch.tensor(0.45 if act.signed else 0.3)
+    step = torch.tensor(0.7 if act.method == "asym_lsq" else 0.45 if act.signed else 0.3)
     return x.to(device, dtype), weight.to(device, dtype), bias.to(device, dtype), clip.to(device), step.to(device)
 
 
@@ -154,6 +155,11 @@ def act_grad_terms(x, weight, clip, step, grad_y, options) -> list[torch.Tensor]
         qmin, qmax = ref.act_qrange("lsq", options["act_bits"], options["act_signed"])
         v = xf / step.double()
         local = torch.where(v <= qmin, qmin, torch.where(v >= qmax, qmax, torch.round(v) - v))
+        return [(g * local).reshape(-1) / math.sqrt(xf.numel() * qmax)]
+    if act_method == "asym_lsq":
+        qmin, qmax = ref.act_qrange("asym_lsq", options["act_bits"])
+        v = (xf - xf.min()) / step.double()
+        local = torch.where(v < qmin, qmin, torch.where(v > qmax, qmax, torch.round(v) - v))
         return [(g * local).reshape(-1) / math.sqrt(xf.numel() * qmax)]
     lo, hi = clip.double()
     return [g[xf <= lo], g[xf >= hi]]
@@ -235,7 +241,7 @@ def test_float16_matches_reference(device, method, act_id):
     check_against_float64_reference(x, weight, bias, clip, step, options, torch.float16)
 
 
-@pytest.mark.parametrize("act_id", ["a8-sym", "a8-asym", "a4-lsq-unsigned"])
+@pytest.mark.parametrize("act_id", ["a8-sym", "a8-asym", "a4-lsq-unsigned", "a4-asym-lsq"])
 def test_codes_act_path_matches_reference(device, monkeypatch, act_id):
     """The "codes" activation path (codes written once, then streamed by the GEMMs); "fused" is the default."""
     monkeypatch.setattr(kernels_linear, "_ACT_PATH", kernels_linear._ACT_PATH)  # restored after the test
@@ -259,7 +265,7 @@ def _exact_inputs(act: Act, device):
         grid, low, high = 0.125, -15.875, 15.875
     elif act.method == "asym":  # min -4, max -4 + 255/16: zero = -4, step = 1/16
         grid, low, high = 0.0625, -4.0, -4.0 + 255 / 16
-    else:  # LSQ step 1/2
+    else:  # LSQ step 1/2 (asym_lsq: zero = the min, on the grid too)
         grid, low, high = 0.5, -6.0, 9.0
     x = torch.randint(int(low / grid) - 8, int(high / grid) + 8, (m, k), generator=generator) * grid
     x += torch.where(torch.rand(m, k, generator=generator) < 0.4, grid / 2, 0.0)
@@ -277,7 +283,7 @@ def _exact_inputs(act: Act, device):
 def _exact_cases():
     """Both weight methods, every activation quantizer, fp32 and bf16; the "codes" activation path in bf16."""
     for act_id, method, dtype_id in itertools.product(
-        ["a8-sym", "a8-asym", "a4-lsq-signed", "a4-lsq-unsigned"], ["bwn", "twn"], DTYPES
+        ["a8-sym", "a8-asym", "a4-lsq-signed", "a4-lsq-unsigned", "a4-asym-lsq"], ["bwn", "twn"], DTYPES
     ):
         paths = kernels_linear.ACT_PATHS if dtype_id == "bf16" and method == "twn" else ("fused",)
         for act_path in paths:

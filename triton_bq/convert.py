@@ -27,6 +27,7 @@ from triton_bq.arch import (
 from triton_bq.nn.activation import default_act_method
 from triton_bq.nn.attention import (
     QuantSelfAttentionMixin,
+    default_probs_method,
     dequantize_attention,
     dispatches_attention,
     quantize_attention,
@@ -61,7 +62,8 @@ class QuantConfig:
         asym_act_names: ``None`` (default): the asymmetric activation sites of the model's family in
             ``triton_bq.arch.FAMILIES`` (BERT: the FFN-output input, after GELU), or BERT's ``("output.dense",)``
             for a family outside the table. A tuple of Linear names (suffixes; ``attention.*`` excluded) overrides
-            them. Those inputs get asymmetric min-max quantization at 8 bits.
+            them. Those inputs get asymmetric min-max quantization at 8 bits and BinaryBERT's asymmetric LSQ
+            (``"asym_lsq"``: learned step, zero point the dynamic min) below 8 bits.
         clip_init: initial activation clip ``+-clip_init``.
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
         act_granularity: measured (sym / asym) activation scales ``"per_tensor"`` or ``"per_token"``; ``None`` (the
@@ -113,8 +115,9 @@ class QuantConfig:
     def linear_options(self, name: str, family: Family | None = None) -> dict:
         """Constructor options of the ``QuantLinear`` that replaces the Linear called ``name``."""
         act_method = None
-        if self.act_bits == 8 and self.is_asym_site(name, family):
-            act_method = "asym"
+        if self.act_bits is not None and self.is_asym_site(name, family):
+            # BinaryBERT's sym_quant_ffn_attn=False: AsymQuantizer at 8 bits, AsymLsqQuantizer with LSQ below.
+            act_method = "asym" if self.act_bits == 8 else "asym_lsq"
         return dict(
             weight_method=self.weight_method,
             granularity=self.granularity,
@@ -200,7 +203,10 @@ def _requantize_mismatch(model: nn.Module, config: QuantConfig, family: Family |
         elif isinstance(module, QuantSelfAttentionMixin):
             bits = None if module.query_quantizer is None else module.query_quantizer.bits
             wanted = config.act_bits if config.quantize_attention else None
-            have, want = dict(attention_act_bits=bits), dict(attention_act_bits=wanted)
+            probs = None if module.probs_quantizer is None else module.probs_quantizer.method
+            have = dict(attention_act_bits=bits, probs_method=probs)
+            wanted_probs = None if wanted is None else default_probs_method(wanted)
+            want = dict(attention_act_bits=wanted, probs_method=wanted_probs)
         else:
             continue
         for key, value in have.items():
@@ -260,8 +266,9 @@ def quantize_(
     become row-wise ``QuantEmbedding`` when ``config.embedding_method`` is set (``nn.Embedding`` subclasses keep
     their own forward, e.g. BART's scale); its attention modules get Q/K/V/probability quantizers when
     ``config.quantize_attention`` and ``config.act_bits`` are set; its asymmetric activation sites get min-max
-    8-bit input quantizers. Any other model gets every ``nn.Linear`` / ``Conv1D`` but task heads (``default_filter``)
-    and its input embedding (``get_input_embeddings()``), and one warning listing what stayed in full precision.
+    input quantizers at 8 bits, asymmetric LSQ below. Any other model gets every ``nn.Linear`` / ``Conv1D`` but
+    task heads (``default_filter``) and its input embedding (``get_input_embeddings()``), and one warning listing
+    what stayed in full precision.
 
     Tied weights are quantized once: every embedding sharing a quantized embedding's weight Parameter (T5's
     ``shared`` / ``encoder.embed_tokens`` / ``decoder.embed_tokens``) is quantized with it, and a Linear sharing it
@@ -402,11 +409,14 @@ def linear_entry(module: QuantLinear) -> dict:
 
 
 def attention_entry(module: QuantSelfAttentionMixin) -> dict:
-    """How to re-apply ``quantize_attention`` to the attention ``module``: bits, granularity and sync."""
+    """How to re-apply ``quantize_attention`` to the attention ``module``: bits, granularity, sync and the
+    probabilities' method."""
     quantizer = getattr(module, "query_quantizer", None)
+    probs = getattr(module, "probs_quantizer", None)
     return {"type": "QuantSelfAttention", "act_bits": None if quantizer is None else quantizer.bits,
             "act_granularity": "per_tensor" if quantizer is None else quantizer.granularity,
-            "act_sync": True if quantizer is None else quantizer.sync}
+            "act_sync": True if quantizer is None else quantizer.sync,
+            "probs_method": None if probs is None else probs.method}
 
 
 _LINEAR_CLASSES = (QuantLinear, BinaryLinear, TernaryLinear, QuantConv1D)

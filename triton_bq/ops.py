@@ -15,7 +15,7 @@ from triton_bq import reference
 from triton_bq.bitpack import PackedWeight
 from triton_bq.kernels.linear import fused_quant_linear
 from triton_bq.kernels.packed_matmul import packed_matmul, quantize_int8
-from triton_bq.options import QuantOptions
+from triton_bq.options import LSQ_METHODS, QuantOptions
 
 __all__ = [
     "ACT_QUANT",
@@ -62,9 +62,9 @@ def _check_linear_args(x, weight, bias, options, act_clip, act_step):
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if options.act_method == "lsq":
+    if options.act_method in LSQ_METHODS:
         if act_step is None or act_step.numel() != 1:
-            raise ValueError(f"act_method='lsq' needs a one-element act_step, got {act_step!r}")
+            raise ValueError(f"act_method={options.act_method!r} needs a one-element act_step, got {act_step!r}")
     elif options.act_method is not None and (act_clip is None or act_clip.numel() != 2):
         raise ValueError(
             f"act_method={options.act_method!r} needs act_clip with 2 elements (lo, hi), got {act_clip!r}"
@@ -93,7 +93,7 @@ def quant_linear(
         weight_scale, weight_threshold: precomputed ``alpha``/``delta`` overriding the method's own (required for
             ``weight_method="lat"``: ``triton_bq.reference.lat_scale_threshold``).
         act_clip: learnable ``[lo, hi]`` clip for ``act_method`` ``"sym"``/``"asym"`` (PACT gradient).
-        act_step: learnable LSQ step for ``act_method="lsq"``.
+        act_step: learnable LSQ step for ``act_method`` ``"lsq"`` / ``"asym_lsq"``.
         backend: ``"auto"``, ``"triton"`` (fused kernels) or ``"reference"`` (pure PyTorch).
 
     The arithmetic of both backends is pinned in ``docs/design.md``.

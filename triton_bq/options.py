@@ -14,6 +14,7 @@ __all__ = [
     "ACT_GRANULARITIES",
     "ACT_METHODS",
     "GRANULARITIES",
+    "LSQ_METHODS",
     "STES",
     "WEIGHT_METHODS",
     "QuantOptions",
@@ -22,7 +23,9 @@ __all__ = [
 ]
 
 WEIGHT_METHODS = ("bwn", "twn", "lat")
-ACT_METHODS = ("sym", "asym", "lsq")
+ACT_METHODS = ("sym", "asym", "lsq", "asym_lsq")
+# The activation methods with a learned step (``act_step``) instead of a learnable clip (``act_clip``).
+LSQ_METHODS = ("lsq", "asym_lsq")
 GRANULARITIES = ("tensor", "row")
 STES = ("identity", "clipped")
 ACT_GRANULARITIES = ("per_tensor", "per_token")

@@ -17,6 +17,7 @@ from triton_bq.options import (
     ACT_GRANULARITIES,
     ACT_METHODS,
     GRANULARITIES,
+    LSQ_METHODS,
     STES,
     WEIGHT_METHODS,
     QuantOptions,
@@ -217,7 +218,7 @@ def act_qrange(method: str, bits: int, signed: bool = True) -> tuple[int, int]:
     check_act_bits(bits)
     if method == "sym":
         return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
-    if method == "asym" or not signed:
+    if method in ("asym", "asym_lsq") or not signed:
         return 0, 2**bits - 1
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
@@ -250,18 +251,22 @@ def act_params(
     """``(lo, hi, zero, step, qmin, qmax)`` of the affine fake-quant (float32, detached).
 
     ``lo`` / ``hi`` are scalars. ``zero`` / ``step`` are scalars for ``granularity="per_tensor"`` and LSQ, and of
-    shape ``x.shape[:-1] + (1,)`` (one per row of ``x``) for ``"per_token"`` sym / asym. ``sync`` (per-tensor sym /
-    asym under an initialized ``torch.distributed``) takes the min / max over every rank's ``x``.
-    NaN in ``x`` propagates: the scale of its tensor (or row) is NaN, and so is that output.
+    shape ``x.shape[:-1] + (1,)`` (one per row of ``x``) for ``"per_token"`` sym / asym (``"asym_lsq"``: ``zero``
+    per row, the learned ``step`` a scalar). ``sync`` (per-tensor sym / asym / asym_lsq under an initialized
+    ``torch.distributed``) takes the min / max over every rank's ``x``.
+    NaN in ``x`` propagates: the scale (or zero point) of its tensor (or row) is NaN, and so is that output.
     """
     check_choice("act_granularity", granularity, ACT_GRANULARITIES)
     qmin, qmax = act_qrange(method, bits, signed)
-    if method == "lsq":
+    if method in LSQ_METHODS:
         if step is None:
-            raise ValueError("act_method='lsq' needs act_step (the learned step size)")
+            raise ValueError(f"act_method={method!r} needs act_step (the learned step size)")
         s = step.detach().float().reshape(())
         inf = torch.full((), math.inf, device=x.device)
-        return -inf, inf, torch.zeros((), device=x.device), s, qmin, qmax
+        zero = torch.zeros((), device=x.device)
+        if method == "asym_lsq" and x.numel() > 0:
+            zero = _asym_lsq_zero(x, granularity, sync)
+        return -inf, inf, zero, s, qmin, qmax
     if clip is None or clip.numel() != 2:
         raise ValueError(f"act_method={method!r} needs act_clip of 2 elements (lo, hi), got {clip!r}")
     lo, hi = clip.detach().float().reshape(2).unbind()
@@ -283,6 +288,21 @@ def act_params(
     if method == "sym":
         return lo, hi, torch.zeros_like(high), torch.maximum(-low, high) / qmax, qmin, qmax
     return lo, hi, low, (high - low) / qmax, qmin, qmax
+
+
+def _asym_lsq_zero(x: torch.Tensor, granularity: str, sync: bool) -> torch.Tensor:
+    """The zero point of ``asym_lsq``: BinaryBERT's ``input.min()`` (detached: no gradient flows through it), per
+    tensor (the global min under ``sync``) or ``min(row min, 0)`` per row of the last dim."""
+    xf = x.detach().float()
+    if granularity == "per_token":
+        # As per-token asym: a row's range includes 0, so the exact zeros of a causal model's masked probabilities
+        # (present in a full sequence's rows, absent from its prefix's last row) cannot move the zero point.
+        low = xf.amin(dim=-1, keepdim=True)
+        return torch.minimum(low, torch.zeros_like(low))
+    low = xf.amin()
+    if sync_world_size(sync) > 1:
+        low, _ = all_reduce_min_max(low, low)
+    return low
 
 
 def fake_quant_affine(x, lo, hi, zero, step, qmin: int, qmax: int) -> torch.Tensor:
@@ -355,6 +375,34 @@ class _ActQuantLSQ(torch.autograd.Function):
         return grad_x, grad_step, None, None, None
 
 
+class _ActQuantAsymLSQ(torch.autograd.Function):
+    """BinaryBERT's asymmetric LSQ (``AsymLsqQuantizer``): ``x_hat = clamp(round((x - min) / s), 0, qmax) * s + min``
+    with the min detached. Out-of-range tests are strict (``v < 0``, ``v > qmax`` with ``v = (x - min) / s``), as
+    in BinaryBERT's code: the minimum itself (``v = 0``) passes its gradient to ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, step, bits, granularity, sync):
+        lo, hi, zero, s, qmin, qmax = act_params(x, "asym_lsq", bits, step=step, granularity=granularity, sync=sync)
+        ctx.save_for_backward(x, step, zero)
+        ctx.qrange = (qmin, qmax)
+        ctx.sync = sync
+        return fake_quant_affine(x, lo, hi, zero, s, qmin, qmax).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, step, zero = ctx.saved_tensors
+        qmin, qmax = ctx.qrange
+        v = (x.float() - zero) / step.detach().float().reshape(())
+        small, big = v < qmin, v > qmax
+        grad_x = grad_output * (~small & ~big).to(grad_output.dtype)
+        grad_step = None
+        if ctx.needs_input_grad[1]:
+            local = torch.where(small, float(qmin), torch.where(big, float(qmax), torch.round(v) - v))
+            scale = lsq_grad_scale(x.numel(), qmax, ctx.sync)
+            grad_step = ((grad_output.float() * local).sum() * scale).to(step.dtype).reshape(step.shape)
+        return grad_x, grad_step, None, None, None
+
+
 def quantize_act(
     x: torch.Tensor,
     method: str,
@@ -368,28 +416,36 @@ def quantize_act(
     """Activation fake-quant with straight-through gradients (see docs/design.md).
 
     ``method``: ``"sym"`` (max-abs after clipping to the learnable ``clip = [lo, hi]``), ``"asym"`` (min-max
-    after clipping) or ``"lsq"`` (learned ``step``; ``signed=False`` for non-negative inputs). ``granularity``:
-    one dynamic scale ``"per_tensor"`` or ``"per_token"`` (per row of the last dim; sym / asym only, the LSQ step is
-    learned). ``sync``: data-parallel statistics (``act_params``, ``lsq_grad_scale``).
+    after clipping), ``"lsq"`` (learned ``step``; ``signed=False`` for non-negative inputs) or ``"asym_lsq"``
+    (BinaryBERT's asymmetric LSQ: learned ``step``, zero point the detached min of ``x``). ``granularity``: one
+    dynamic scale (or asym_lsq zero point) ``"per_tensor"`` or ``"per_token"`` (per row of the last dim; the LSQ
+    step is learned, so plain LSQ ignores it). ``sync``: data-parallel statistics (``act_params``,
+    ``lsq_grad_scale``).
     """
     check_choice("act_method", method, ACT_METHODS)
     check_act_bits(bits)
     check_choice("act_granularity", granularity, ACT_GRANULARITIES)
-    if method == "lsq":
+    if method in LSQ_METHODS:
         if step is None:
-            raise ValueError("act_method='lsq' needs act_step (the learned step size)")
+            raise ValueError(f"act_method={method!r} needs act_step (the learned step size)")
+        if method == "asym_lsq":
+            return _ActQuantAsymLSQ.apply(x, step, bits, granularity, bool(sync))
         return _ActQuantLSQ.apply(x, step, bits, bool(signed), bool(sync))
     if clip is None or clip.numel() != 2:
         raise ValueError(f"act_method={method!r} needs act_clip of 2 elements (lo, hi), got {clip!r}")
     return _ActQuantClip.apply(x, clip, method, bits, granularity, bool(sync))
 
 
-def lsq_init_step(x: torch.Tensor, bits: int, signed: bool = True) -> torch.Tensor:
-    """LSQ step initialisation ``2 * mean(|x|) / sqrt(qmax)`` (float32 scalar). ``x`` must not be empty."""
+def lsq_init_step(x: torch.Tensor, bits: int, signed: bool = True, method: str = "lsq") -> torch.Tensor:
+    """LSQ step initialisation (float32 scalar), BinaryBERT's ``LsqStepSize.initialize_wrapper``:
+    ``2 * mean(|x|) / sqrt(qmax)`` for ``"lsq"``, ``4 * mean(|x|) / sqrt(2^bits - 1)`` for ``"asym_lsq"`` (``|x|``
+    of the raw input, before the min shift). ``x`` must not be empty."""
+    check_choice("method", method, LSQ_METHODS)
     if x.numel() == 0:
         raise ValueError(f"the LSQ step cannot be initialised from an empty tensor (shape {tuple(x.shape)})")
-    _, qmax = act_qrange("lsq", bits, signed)
-    return 2 * x.detach().float().abs().mean() / math.sqrt(qmax)
+    _, qmax = act_qrange(method, bits, signed)
+    factor = 4 if method == "asym_lsq" else 2
+    return factor * x.detach().float().abs().mean() / math.sqrt(qmax)
 
 
 

@@ -208,6 +208,12 @@ def _split_linear_from_entry(original: nn.Module, entry: dict, device, backend: 
     return SplitBinaryLinear.from_halves(*halves)
 
 
+def _legacy_probs_method(act_bits) -> str | None:
+    """The probabilities' method of a record written before ``probs_method`` was recorded: unsigned LSQ below 8
+    bits (asymmetric LSQ became the default later), the default (min-max) otherwise."""
+    return "lsq" if isinstance(act_bits, int) and act_bits < 8 else None
+
+
 def _rebuilt(name: str, original: nn.Module, entry: dict, device, backend: str | None, source: str) -> nn.Module:
     kind = entry.get("type")
     if kind == "PackedLinear":
@@ -262,7 +268,8 @@ def build_modules(model: nn.Module, modules: dict[str, dict], *, device=None, ba
     for name, entry in modules.items():
         if entry.get("type") == "QuantSelfAttention":
             quantize_attention(model.get_submodule(name), entry["act_bits"],
-                               granularity=entry.get("act_granularity", "per_tensor"), sync=entry.get("act_sync", True))
+                               granularity=entry.get("act_granularity", "per_tensor"), sync=entry.get("act_sync", True),
+                               probs_method=entry.get("probs_method", _legacy_probs_method(entry["act_bits"])))
     for name, entry in modules.items():
         if entry.get("type") == "QuantSelfAttention":
             continue

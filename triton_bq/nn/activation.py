@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from triton_bq import reference
-from triton_bq.options import ACT_GRANULARITIES, QuantOptions, check_choice
+from triton_bq.options import ACT_GRANULARITIES, LSQ_METHODS, QuantOptions, check_choice
 
 __all__ = ["ActQuantizer", "attach_optimizer", "default_act_method", "load_second_moments", "second_moment_of",
            "second_moments"]
@@ -28,12 +28,15 @@ class ActQuantizer(nn.Module):
     (``granularity="per_tensor"``, the papers') or one per token (``"per_token"``, a row of the last dim: what a
     causal LM needs, since no token's codes then depend on later tokens or on other samples). ``method="lsq"``
     holds a learnable ``step`` (shape ``[1]``) initialised from the first non-empty batch it sees (``2 * mean|x| /
-    sqrt(qmax)``, averaged over processes under ``torch.distributed``).
+    sqrt(qmax)``, averaged over processes under ``torch.distributed``). ``method="asym_lsq"`` (BinaryBERT's
+    ``AsymLsqQuantizer``) holds the same learnable step (initialised to ``4 * mean|x| / sqrt(2^bits - 1)``) and
+    shifts by the input's dynamic min (per tensor, or per token with ``granularity="per_token"``): codes
+    ``0..2^bits - 1``.
 
     ``sync`` (default on): while training under an initialized ``torch.distributed``, per-tensor min / max are
     all-reduced over the default process group (every data-parallel rank quantizes with the global batch's scale,
-    as one process would) and the LSQ step gradient counts the global batch's elements. Evaluation never
-    synchronizes: ranks may evaluate alone (rank-0-only evaluation would otherwise hang).
+    as one process would; the asym_lsq min too) and the LSQ step gradient counts the global batch's elements.
+    Evaluation never synchronizes: ranks may evaluate alone (rank-0-only evaluation would otherwise hang).
     Under FSDP2 ``fully_shard``, initialize the LSQ steps before sharding (one forward on a batch): inside a sharded
     forward the step is an all-gathered copy, and the initial value written to it would not reach the shard.
     Call it on a tensor to fake-quantize it, or give ``op_options`` / ``op_tensors`` to ``quant_linear`` to fuse it.
@@ -54,12 +57,12 @@ class ActQuantizer(nn.Module):
         check_choice("granularity", granularity, ACT_GRANULARITIES)
         if not isinstance(sync, bool):
             raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
-        if method != "lsq" and not clip_init > 0:
+        if method not in LSQ_METHODS and not clip_init > 0:
             raise ValueError(f"clip_init must be > 0, got {clip_init!r}")
         self.bits, self.method, self.signed = bits, method, bool(signed)
         self.granularity, self.sync = granularity, sync
         self._options_key = self._options = None
-        if method == "lsq":
+        if method in LSQ_METHODS:
             # 1-D (not 0-D): FSDP2's fully_shard rejects scalar Parameters. 0-D steps of older state dicts load.
             self.step = nn.Parameter(torch.ones(1))
             self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
@@ -69,10 +72,10 @@ class ActQuantizer(nn.Module):
 
     def _maybe_init_step(self, x: torch.Tensor) -> None:
         # An empty batch carries no statistics: the step waits for the first non-empty one.
-        if self.method != "lsq" or self._initialized_seen or x.numel() == 0:
+        if self.method not in LSQ_METHODS or self._initialized_seen or x.numel() == 0:
             return
         if not bool(self.initialized):
-            step = reference.lsq_init_step(x, self.bits, self.signed).to(self.step.device)
+            step = reference.lsq_init_step(x, self.bits, self.signed, self.method).to(self.step.device)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(step)
                 step /= torch.distributed.get_world_size()
@@ -83,10 +86,10 @@ class ActQuantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         step = state_dict.get(prefix + "step")
-        if self.method == "lsq" and isinstance(step, torch.Tensor) and step.dim() == 0:
+        if self.method in LSQ_METHODS and isinstance(step, torch.Tensor) and step.dim() == 0:
             state_dict[prefix + "step"] = step.reshape(1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.method == "lsq":
+        if self.method in LSQ_METHODS:
             self._initialized_seen = False
 
     def op_options(self, options: QuantOptions) -> QuantOptions:
@@ -116,7 +119,7 @@ class ActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         signed = "" if self.method != "lsq" else f", signed={self.signed}"
-        granularity = "" if self.method == "lsq" else f", granularity={self.granularity!r}"
+        granularity = "" if self.method == "lsq" else f", granularity={self.granularity!r}"  # plain LSQ ignores it
         return f"bits={self.bits}, method={self.method!r}{signed}{granularity}"
 
 

@@ -23,9 +23,11 @@ from torch import nn
 
 from triton_bq.nn.activation import ActQuantizer
 from triton_bq.nn.swap import original_class, swap_class, unswap_class
+from triton_bq.options import check_choice
 
 __all__ = [
     "ATTENTION_IMPLEMENTATION",
+    "PROBS_METHODS",
     "QuantSelfAttentionMixin",
     "dequantize_attention",
     "dispatches_attention",
@@ -37,6 +39,14 @@ __all__ = [
 # The name under which ``quantized_attention_forward`` is registered in transformers' AttentionInterface.
 ATTENTION_IMPLEMENTATION = "triton_bq_quantized"
 QUANTIZER_NAMES = ("query_quantizer", "key_quantizer", "value_quantizer", "probs_quantizer")
+# Quantizers of the (non-negative) attention probabilities; "lsq" is unsigned LSQ.
+PROBS_METHODS = ("asym", "lsq", "asym_lsq")
+
+
+def default_probs_method(act_bits: int) -> str:
+    """BinaryBERT's probability quantizer (``sym_quant_ffn_attn=False``): ``AsymQuantizer`` (min-max) at 8 bits,
+    ``AsymLsqQuantizer`` (``"asym_lsq"``) below."""
+    return "asym" if act_bits == 8 else "asym_lsq"
 _MASKED_BELOW = -1.0e2
 
 
@@ -169,12 +179,15 @@ def _device_of(module: nn.Module) -> torch.device:
 
 def quantize_attention(
     module: nn.Module, act_bits: int | None = 8, clip_init: float = 2.5, granularity: str = "per_tensor",
-    sync: bool = True,
+    sync: bool = True, probs_method: str | None = None,
 ) -> nn.Module:
     """Swap a Hugging Face attention module to its quantized class in place and return it.
 
     ``act_bits=8``: Q, K, V symmetric uniform with learnable clips, probabilities asymmetric min-max.
-    ``act_bits<8``: LSQ, unsigned for the probabilities. ``act_bits=None``: full precision (eager attention
+    ``act_bits<8``: Q, K, V signed LSQ, probabilities BinaryBERT's asymmetric LSQ (``"asym_lsq"``: zero point the
+    dynamic min, step initialised to ``4 * mean|p| / sqrt(2^bits - 1)``). ``probs_method`` (one of
+    ``PROBS_METHODS``; ``"lsq"`` is unsigned LSQ) overrides the probabilities' quantizer (``None``: the default
+    above). ``act_bits=None``: full precision (eager attention
     that can record scores, used for teachers in distillation). ``granularity`` and ``sync`` are those of
     ``ActQuantizer`` (``"per_token"``: one scale per row of Q, K, V and of the probabilities, which keeps a causal
     model causal). Quantizing an already quantized module replaces
@@ -186,13 +199,14 @@ def quantize_attention(
             f"module must be a Hugging Face attention computing through transformers' attention interface, got "
             f"{type(module).__name__}"
         )
+    check_choice("probs_method", probs_method, PROBS_METHODS, allow_none=True)
     device = _device_of(module)
     if not isinstance(module, QuantSelfAttentionMixin):
         swap_class(module, (QuantSelfAttentionMixin, type(module)))
     if act_bits is None:
         quantizers = dict.fromkeys(QUANTIZER_NAMES)
     else:
-        probs_method = "asym" if act_bits == 8 else "lsq"
+        probs_method = default_probs_method(act_bits) if probs_method is None else probs_method
         common = dict(clip_init=clip_init, granularity=granularity, sync=sync)
         quantizers = dict(
             query_quantizer=ActQuantizer(act_bits, **common),

@@ -65,7 +65,8 @@ class QuantLinear(nn.Linear):
         granularity: ``"tensor"`` (one scale per matrix, the paper's choice) or ``"row"`` (per output feature).
         ste: ``"identity"`` (default) or ``"clipped"`` straight-through estimator.
         act_bits: ``None`` (no activation quantization), 8 or 4 (any of 2..8).
-        act_method: ``None`` picks ``"sym"`` for 8 bits and ``"lsq"`` below; or ``"sym"``/``"asym"``/``"lsq"``.
+        act_method: ``None`` picks ``"sym"`` for 8 bits and ``"lsq"`` below; or ``"sym"``/``"asym"``/``"lsq"``/
+            ``"asym_lsq"`` (BinaryBERT's asymmetric LSQ).
         act_signed: LSQ only; ``False`` for non-negative inputs.
         clip_init: initial activation clip ``[-clip_init, clip_init]`` for ``sym``/``asym``.
         act_granularity: ``"per_tensor"`` (one measured sym / asym scale, the papers') or ``"per_token"`` (one per

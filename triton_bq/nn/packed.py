@@ -152,7 +152,8 @@ class PackedLinear(nn.Module):
             x, quantizer.method, quantizer.bits, clip=tensors["act_clip"], step=tensors["act_step"],
             signed=quantizer.signed, granularity=quantizer.granularity,
         )
-        if quantizer.method != "asym" and qmin >= -128 and qmax <= 127:
+        # Zero-point methods (asym, asym_lsq) are fake-quantized with the training's zero and step: same codes.
+        if quantizer.method not in ("asym", "asym_lsq") and qmin >= -128 and qmax <= 127:
             q = _integer_activations(x, lo, hi, zero, step, qmin, qmax)
             return packed_linear(q, packed, self.bias, x_scale=step, out_dtype=x.dtype, backend=self.backend)
         x_hat = reference.fake_quant_affine(x.detach(), lo, hi, zero, step, qmin, qmax).to(x.dtype)
