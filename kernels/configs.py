@@ -171,15 +171,15 @@ def linear_shared_bound(kernel: str, option: triton.Config, operands: LinearOper
 def _spill_prone(kernel: str, option: triton.Config, operands: LinearOperands, target: Target) -> bool:
     """Configs whose per-thread live tiles exceed the registers with this operand mix (thresholds from the compile
     gate): grad_x with partial sums holds the accumulator, the x tile and the masks of a [BK, BM] tile at once; the
-    fused forward on every target but sm_90 (the only one with register-operand wgmma) keeps the float32 x tile,
-    its codes and the weight codes live besides the MMA operands; the fused grad_w on sm_120 (mma.sync, the
+    fused forward on sm_8x (no register-operand wgmma) keeps the float32 x tile, its codes and the weight codes
+    live besides the accumulator; the fused grad_w on sm_120 (mma.sync, the
     accumulator in registers, and a ptxas that caps the registers of big 8-warp tiles) keeps the q^T tile, grad_y
     and the accumulator live at once."""
     meta = option.kwargs
     threads = 32 * option.num_warps
     if kernel == "bwd_x" and operands.partials:
         return meta["BLOCK_K"] * meta["BLOCK_M"] // threads > 16
-    if kernel == "fwd" and operands.act_fused and target.capability != 90:
+    if kernel == "fwd" and operands.act_fused and target.capability < 90:
         return meta["BLOCK_K"] * (meta["BLOCK_M"] + meta["BLOCK_N"]) // threads > 24
     if kernel == "bwd_w" and operands.act_fused and target.capability >= 120:
         block_m, block_n, block_k = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
