@@ -443,16 +443,12 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="compile processes (default: CPU count)")
     parser.add_argument("--only", default=None, help="regular expression on 'kernel setup' (a subset, for checks)")
     parser.add_argument("--detail", action="store_true", help="also print one line per compile as it finishes")
-    parser.add_argument("--line-info", action="store_true",
-                        help="compile with line info like a GPU run (slower; no change to shared memory, registers "
-                             "or spills: debug info does not steer LLVM or ptxas code generation)")
     args = parser.parse_args(argv)
     if args.all:
         args.targets, args.configs, args.grid = ",".join(_target_names()), "all", "full"
     if args.targets == "every":
         args.targets = ",".join(_target_names())
     # A fresh cache so that every specialization is really compiled and ptxas reports on it.
-    knobs.compilation.disable_line_info = not args.line_info
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_bq_gate_")
     started = time.time()
     timings = {}
