@@ -218,7 +218,12 @@ def linear_slots() -> tuple[int, int]:
 # The elementwise activation-codes pass ("codes" path).
 # Kernels without a tuned list launch with Triton's defaults (4 warps, 3 stages).
 def act_codes(target: Target | None) -> tuple:
-    return (config(4, 3, BLOCK_M=16, BLOCK_K=64),) if target is None else (config(4, 3, BLOCK_M=32, BLOCK_K=128),)
+    if target is None:
+        return (config(4, 3, BLOCK_M=16, BLOCK_K=64),)
+    # ptxas-blackwell (sm_100) spilled the LSQ codes of a 32-row tile (compile gate); half the rows per program.
+    if target.capability == 100:
+        return (config(4, 3, BLOCK_M=16, BLOCK_K=128),)
+    return (config(4, 3, BLOCK_M=32, BLOCK_K=128),)
 
 
 # ---------------------------------------------------------------------------------------------------------------
