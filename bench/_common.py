@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import os
 import subprocess
 from pathlib import Path
 
@@ -36,7 +37,10 @@ def select_shapes(text: str, shapes) -> list:
 
 
 def git_sha() -> str:
-    """Short sha of HEAD, with ``-dirty`` when the work tree has changes; ``unknown`` outside a git checkout."""
+    """Short sha of HEAD, with ``-dirty`` when the work tree has changes; ``unknown`` outside a git checkout.
+    ``TRITON_BQ_GIT_SHA`` overrides it (a copy of the tree without ``.git``, as on a lent GPU machine)."""
+    if os.environ.get("TRITON_BQ_GIT_SHA"):
+        return os.environ["TRITON_BQ_GIT_SHA"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()

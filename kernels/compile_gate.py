@@ -9,7 +9,8 @@ compile error, shared memory above the target's per-block opt-in limit, or regis
 
     python -m triton_bq.kernels.compile_gate                 # defaults, sm_80 / sm_89 / sm_90 (the CI gate)
     python -m triton_bq.kernels.compile_gate --all           # every autotune config, every target, full grid
-    python -m triton_bq.kernels.compile_gate --targets sm_86 --configs all --table
+    python -m triton_bq.kernels.compile_gate --targets every                 # defaults, all six targets
+    python -m triton_bq.kernels.compile_gate --targets sm_86,sm_90 --configs all
 
 The environment must not set ``TRITON_INTERPRET`` (the interpreter replaces compilation). Exit status 1 when
 anything fails. Measured figures are in ``docs/kernels.md``.
@@ -19,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import itertools
+import math
 import multiprocessing
 import os
 import re
@@ -83,6 +86,8 @@ class Result:
     mma: str = ""
     error: str = ""
     seconds: float = 0.0
+    # Seconds per compiler stage (Triton's compilation listener: "make_ir", "ttir", ..., "cubin" = ptxas).
+    stages: dict = field(default_factory=dict)
 
     def failure(self, shared_limit: int) -> str:
         if self.error:
@@ -194,9 +199,13 @@ def record(target_name: str, full: bool) -> list[Launch]:
     return launches
 
 
+@functools.cache
 def _backend(target_name: str):
 
     return make_backend(GPUTarget("cuda", configs.TARGETS[target_name].capability, 32))
+
+
+_BINDERS = {}
 
 
 def _bind(launch: Launch, option, backend):
@@ -207,7 +216,11 @@ def _bind(launch: Launch, option, backend):
     kwargs["debug"] = kernel.debug or knobs.runtime.debug
     kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
     kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    # The binder is generated code (exec of the kernel's signature); making it once per kernel and backend, as
+    # JITFunction does, keeps binding off the gate's critical path.
+    binder = _BINDERS.get((kernel, backend))
+    if binder is None:
+        binder = _BINDERS[(kernel, backend)] = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound_args, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
     return signature, constexprs, attrs, options
@@ -227,80 +240,128 @@ def _config_name(option) -> str:
 
 _PTXAS = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+@dataclass
+class Job:
+    """One compile: ``launch`` with ``option`` for ``target``, reported in ``result``."""
 
-# Filled in each worker (fork) before the pool starts: the specializations to compile.
+    target: str
+    launch: Launch
+    option: object
+    result: Result
+
+
+# Filled in the parent before the pool forks its workers: the jobs to compile.
 _JOBS: list = []
+
+
+def _read_ptxas_log(text: str, result: Result) -> None:
+    result.registers = max((int(value) for value in _PTXAS.findall(text)), default=0)
+    spills = _SPILLS.findall(text)
+    result.spill_stores = max((int(stores) for stores, _ in spills), default=0)
+    result.spill_loads = max((int(loads) for _, loads in spills), default=0)
+
+
+def _mma_kind(ttgir: str) -> str:
+    if "warp_group_dot" in ttgir:
+        pendings = [int(value) for value in re.findall(r"pendings = (\d+)", ttgir)]
+        return "wgmma async" if any(pendings) else "wgmma sync"
+    if "tc_gen5_mma" in ttgir:
+        return "tcgen05"
+    if "tt.dot" in ttgir:
+        return "mma" if "nvidia_mma" in ttgir else "fma"
+    return ""
+
+
+def _error_text(error: Exception) -> str:
+    message = str(error).strip()
+    return f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"
 
 
 def _compile_job(index: int) -> Result:
 
-    target_name, launch, option, result = _JOBS[index]
+    job = _JOBS[index]
+    result = job.result
     started = time.time()
+    knobs.nvidia.dump_ptxas_log = True
     try:
-        backend = _backend(target_name)
-        signature, constexprs, attrs, options = _bind(launch, option, backend)
-        source = triton.compiler.ASTSource(launch.kernel, signature, constexprs, attrs)
-        knobs.nvidia.dump_ptxas_log = True
+        backend = _backend(job.target)
+        signature, constexprs, attrs, options = _bind(job.launch, job.option, backend)
+        source = triton.compiler.ASTSource(job.launch.kernel, signature, constexprs, attrs)
         log = io.StringIO()
+
+        def listener(times, **_):
+            result.stages["make_ir"] = times.ir_initialization / 1e6
+            result.stages.update((stage, micros / 1e6) for stage, micros in times.lowering_stages)
+
+        knobs.compilation.listener = listener
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(
-                source, target=GPUTarget("cuda", configs.TARGETS[target_name].capability, 32),
-                options=options.__dict__,
-            )
-        text = log.getvalue()
+            compiled = triton.compile(source, target=backend.target, options=options.__dict__)
         result.shared = compiled.metadata.shared
-        result.registers = max((int(value) for value in _PTXAS.findall(text)), default=0)
-        spills = _SPILLS.findall(text)
-        result.spill_stores = max((int(stores) for stores, _ in spills), default=0)
-        result.spill_loads = max((int(loads) for _, loads in spills), default=0)
-        ttgir = compiled.asm.get("ttgir", "")
-        if "warp_group_dot" in ttgir:
-            pendings = [int(value) for value in re.findall(r"pendings = (\d+)", ttgir)]
-            result.mma = "wgmma async" if any(pendings) else "wgmma sync"
-        elif "tc_gen5_mma" in ttgir:
-            result.mma = "tcgen05"
-        elif "tt.dot" in ttgir:
-            result.mma = "mma" if "nvidia_mma" in ttgir else "fma"
+        _read_ptxas_log(log.getvalue(), result)
+        result.mma = _mma_kind(compiled.asm.get("ttgir", ""))
     except Exception as error:  # a compile error is a result of the gate, reported with the message
-        result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        result.error = _error_text(error)
+    finally:
+        knobs.compilation.listener = None
     result.seconds = time.time() - started
     return result
 
 
-def collect(targets, every_config: bool, full: bool, only: str | None = None) -> list:
-    """Distinct (target, launch, config, Result) jobs for the targets; the default config first per launch.
-    ``only``: a regular expression a launch's "kernel setup" text must contain."""
+def collect(targets, every_config: bool, full: bool, only: str | None = None, timings: dict | None = None) -> list:
+    """The ``Job`` list of the targets: each distinct specialization (kernel, argument types and alignment,
+    constexprs, config) of each target once, the default config of each launch included (``Result.default``).
+    ``only``: a regular expression a launch's "kernel setup" text must contain. ``timings`` (a dict) receives the
+    seconds spent recording launches ("record") and binding them ("bind")."""
     pattern = re.compile(only) if only else None
+    timings = {} if timings is None else timings
+    timings.setdefault("record", 0.0)
+    timings.setdefault("bind", 0.0)
     jobs = []
     for target_name in targets:
         backend = _backend(target_name)
         seen = {}
-        for launch in record(target_name, full):
+        started = time.time()
+        launches = record(target_name, full)
+        timings["record"] += time.time() - started
+        started = time.time()
+        for launch in launches:
             if pattern and not pattern.search(f"{launch.kernel.__name__} {launch.setup}"):
                 continue
             for position, option in enumerate(launch.configs if every_config else launch.configs[:1]):
-                signature, constexprs, attrs, _ = _bind(launch, option, backend)
-                key = (launch.kernel.__name__, _describe(signature, constexprs, attrs), _config_name(option))
+                signature, constexprs, attrs, options = _bind(launch, option, backend)
+                kernel_name = f"{launch.kernel.fn.__module__}.{launch.kernel.__name__}"
+                key = (kernel_name, repr(signature), repr(constexprs), repr(sorted(attrs.items())),
+                       repr(option.all_kwargs()))
                 if key in seen:
                     seen[key].setups.append(launch.setup)
                     seen[key].default |= position == 0
                     continue
-                result = Result(target_name, key[0], key[1], key[2], position == 0, [launch.setup])
+                result = Result(target_name, launch.kernel.__name__, _describe(signature, constexprs, attrs),
+                                _config_name(option), position == 0, [launch.setup])
                 seen[key] = result
-                jobs.append((target_name, launch, option, result))
+                jobs.append(Job(target_name, launch, option, result))
+        timings["bind"] += time.time() - started
+    # Longest first (the GEMMs, then by warps and tile size), so the pool does not end on one slow compile.
+    jobs.sort(key=lambda job: (-("gemm" in job.launch.kernel.__name__ or "linear" in job.launch.kernel.__name__),
+                               -job.option.num_warps, -math.prod(value for name, value in job.option.kwargs.items()
+                                                                 if name.startswith("BLOCK"))))
     return jobs
 
 
 def run(targets=DEFAULT_TARGETS, every_config: bool = False, full: bool = False, workers: int | None = None,
-        only: str | None = None, progress=None):
-    """Compile every job in parallel; returns the results (in job order), each also handed to ``progress``."""
+        only: str | None = None, progress=None, timings: dict | None = None):
+    """Compile every job in parallel; returns the results (one per target and specialization), each also handed
+    to ``progress``. ``timings`` (a dict) receives the wall seconds of recording, binding and compiling
+    ("compile")."""
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the compile gate needs TRITON_INTERPRET unset (the interpreter replaces compilation)")
     unknown = [name for name in targets if name not in _target_names()]
     if unknown:
         raise ValueError(f"unknown targets {unknown}; choose from {_target_names()}")
-    _JOBS[:] = collect(targets, every_config, full, only)
+    timings = {} if timings is None else timings
+    _JOBS[:] = collect(targets, every_config, full, only, timings)
+    started = time.time()
     workers = workers or os.cpu_count() or 1
     # fork: the workers inherit the recorded launches (tensors and JIT functions) without pickling them.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
@@ -309,7 +370,8 @@ def run(targets=DEFAULT_TARGETS, every_config: bool = False, full: bool = False,
             results.append(result)
             if progress is not None:
                 progress(result)
-        return results
+    timings["compile"] = time.time() - started
+    return results
 
 
 def _target_names():
@@ -351,6 +413,19 @@ def print_table(results, out=sys.stdout, detail: bool = False) -> None:
             print_result(result, out)
 
 
+def print_timings(results, timings: dict, out=sys.stdout) -> None:
+    """Where the time went: wall seconds of recording, binding and compiling, and the compile workers' seconds
+    per compiler stage summed over every compile ("cubin" is ptxas)."""
+    stages = {}
+    for result in results:
+        for stage, seconds in result.stages.items():
+            stages[stage] = stages.get(stage, 0.0) + seconds
+    print(f"wall: record {timings.get('record', 0):.1f} s, bind {timings.get('bind', 0):.1f} s, compile "
+          f"{timings.get('compile', 0):.1f} s; worker seconds by stage: "
+          + ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in stages.items())
+          + f"; per compile (total) {sum(result.seconds for result in results):.1f}", file=out)
+
+
 def print_result(result, out=sys.stdout) -> None:
     print(f"{result.target} {result.kernel} {result.config} {'default' if result.default else 'other'} "
           f"shared={result.shared} regs={result.registers} spills={result.spill_stores}/{result.spill_loads} "
@@ -360,7 +435,7 @@ def print_result(result, out=sys.stdout) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma list of sm_80, sm_86, ...")
+    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma list of sm_80, ..., or every")
     parser.add_argument("--configs", choices=["default", "all"], default="default",
                         help="compile the default config of each launch, or every autotune config")
     parser.add_argument("--grid", choices=["ci", "full"], default="ci", help="the setups the launchers run")
@@ -371,12 +446,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.all:
         args.targets, args.configs, args.grid = ",".join(_target_names()), "all", "full"
+    if args.targets == "every":
+        args.targets = ",".join(_target_names())
     # A fresh cache so that every specialization is really compiled and ptxas reports on it.
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_bq_gate_")
     started = time.time()
+    timings = {}
     results = run([name.strip() for name in args.targets.split(",") if name.strip()], args.configs == "all",
-                  args.grid == "full", args.workers, args.only, print_result if args.detail else None)
+                  args.grid == "full", args.workers, args.only, print_result if args.detail else None, timings)
     print_table(results)
+    print_timings(results, timings)
     failed = failures(results)
     failed_defaults = [(result, reason) for result, reason in failed if result.default]
     for result, reason in failed:

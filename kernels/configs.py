@@ -172,13 +172,18 @@ def _spill_prone(kernel: str, option: triton.Config, operands: LinearOperands, t
     """Configs whose per-thread live tiles exceed the registers with this operand mix (thresholds from the compile
     gate): grad_x with partial sums holds the accumulator, the x tile and the masks of a [BK, BM] tile at once; the
     fused forward on sm_8x (no register-operand wgmma) keeps the float32 x tile, its codes and the weight codes
-    live besides the accumulator."""
+    live besides the accumulator; the fused grad_w on sm_120 (mma.sync, the
+    accumulator in registers, and a ptxas that caps the registers of big 8-warp tiles) keeps the q^T tile, grad_y
+    and the accumulator live at once."""
     meta = option.kwargs
     threads = 32 * option.num_warps
     if kernel == "bwd_x" and operands.partials:
         return meta["BLOCK_K"] * meta["BLOCK_M"] // threads > 16
     if kernel == "fwd" and operands.act_fused and target.capability < 90:
         return meta["BLOCK_K"] * (meta["BLOCK_M"] + meta["BLOCK_N"]) // threads > 24
+    if kernel == "bwd_w" and operands.act_fused and target.capability >= 120:
+        block_m, block_n, block_k = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+        return (block_k * block_m + block_m * block_n + block_k * block_n) // threads > 64
     return False
 
 
@@ -213,7 +218,12 @@ def linear_slots() -> tuple[int, int]:
 # The elementwise activation-codes pass ("codes" path).
 # Kernels without a tuned list launch with Triton's defaults (4 warps, 3 stages).
 def act_codes(target: Target | None) -> tuple:
-    return (config(4, 3, BLOCK_M=16, BLOCK_K=64),) if target is None else (config(4, 3, BLOCK_M=32, BLOCK_K=128),)
+    if target is None:
+        return (config(4, 3, BLOCK_M=16, BLOCK_K=64),)
+    # ptxas-blackwell (sm_100) spilled the LSQ codes of a 32-row tile (compile gate); half the rows per program.
+    if target.capability == 100:
+        return (config(4, 3, BLOCK_M=16, BLOCK_K=128),)
+    return (config(4, 3, BLOCK_M=32, BLOCK_K=128),)
 
 
 # ---------------------------------------------------------------------------------------------------------------

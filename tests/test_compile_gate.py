@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from triton_bq.kernels import configs, linear
+from triton_bq.kernels import compile_gate, configs, linear
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,6 +35,33 @@ def test_every_target_gets_fitting_configs(target):
             assert options, (kernel, target, operands)
             for option in options:
                 assert configs.linear_shared_bound(kernel, option, operands) <= target.shared_memory
+
+
+@pytest.mark.parametrize("target", list(configs.TARGETS.values()), ids=list(configs.TARGETS))
+def test_defaults_avoid_spill_prone_tiles(target):
+    """Where a spill-free candidate fits, the default is one (the fused-activation forward off sm_90, the fused
+    grad_w on sm_120, grad_x with partial sums): the gate found the big tiles spilling there."""
+    for kernel in configs.LINEAR_KERNELS:
+        for operands in _operand_mixes():
+            options = configs.linear(kernel, target, operands)
+            if any(not configs._spill_prone(kernel, option, operands, target) for option in options):
+                assert not configs._spill_prone(kernel, options[0], operands, target), (kernel, target, operands)
+
+
+def test_ptxas_log_parsing():
+    """The gate's register and spill figures come from ptxas -v; a spilling and a clean log (ptxas 13 wording)."""
+    result = compile_gate.Result("sm_120", "kernel", "", "", True)
+    compile_gate._read_ptxas_log(
+        "ptxas-blackwell info    : Compiling entry function '_quant_linear_bwd_w_kernel' for 'sm_120a'\n"
+        "    24 bytes stack frame, 24 bytes spill stores, 20 bytes spill loads\n"
+        "ptxas-blackwell info    : Used 128 registers, used 1 barriers, 24 bytes cumulative stack size\n", result)
+    assert (result.registers, result.spill_stores, result.spill_loads) == (128, 24, 20)
+    assert result.failure(101376) == "spills 24/20 B"
+    clean = compile_gate.Result("sm_90", "kernel", "", "", True, shared=232449)
+    compile_gate._read_ptxas_log("ptxas info    : Used 168 registers, used 1 barriers\n"
+                                 "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n", clean)
+    assert (clean.registers, clean.spill_stores) == (168, 0)
+    assert clean.failure(232448) == "shared 232449 > 232448"
 
 
 def test_interpreter_configs_are_unchanged_by_targets():
