@@ -13,9 +13,9 @@ What is expected to match, and what not:
 - Dropout is off in the tiny config: dropout masks are drawn per process, so with dropout the runs agree only in
   distribution. Evaluation: the same batches of 8 in both (the last one completed with duplicates on 2 processes,
   which ``gather_for_metrics`` drops: ``eval_samples`` is the dev size).
-- The students distil from the same (one-process) teacher: a quantized student amplifies the teacher's float-level
-  float-level difference to visible hidden-stage loss differences after an epoch, while from the same teacher
-  it stays at float level. The 2-process teacher is compared by its own run.
+- The students distil from the same (one-process) teacher: a quantized student amplifies the teachers' float-level
+  difference to visible hidden-stage loss differences after an epoch, while from the same teacher it stays at
+  float level. The 2-process teacher is compared by its own run.
 
 Tolerances (float32 sums in another order): losses of every step within ``*_LOSS``, best weights within
 ``*_WEIGHTS``, teacher dev accuracy equal, student dev accuracy within one dev example (an A8 student's prediction
