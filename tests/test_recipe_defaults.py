@@ -125,14 +125,16 @@ def test_pipeline_learning_rate_defaults_and_multiplier():
 
 def test_pipeline_stage_order_losses_and_starting_points():
     _, plan = _plan("--quant", "binary", "--act_bits", "4")
-    table = [(stage.name, stage.kind, stage.weight_method, stage.loss, stage.init_from, stage.bits) for stage in plan]
+    table = [(stage.name, stage.kind, stage.weight_method, stage.loss, stage.init_from, stage.teacher, stage.bits)
+             for stage in plan]
     assert table == [
-        ("teacher", "teacher", None, "task", None, "32-32-32"),
-        ("ternary_a4_hidden", "distill", "twn", "hidden", "teacher", "2-2-4"),
-        ("ternary_a4_logits", "distill", "twn", "logits", "ternary_a4_hidden", "2-2-4"),
-        ("tws_a4", "split", "bwn", None, "ternary_a4_logits", "1-1-4"),
-        ("binary_a4_hidden", "distill", "bwn", "hidden", "tws_a4", "1-1-4"),
-        ("binary_a4_logits", "distill", "bwn", "logits", "binary_a4_hidden", "1-1-4"),
-        ("bwn_a4_hidden", "distill", "bwn", "hidden", "teacher", "1-1-4"),
-        ("bwn_a4_logits", "distill", "bwn", "logits", "bwn_a4_hidden", "1-1-4"),
+        ("teacher", "teacher", None, "task", None, None, "32-32-32"),
+        ("width", "width", None, "width", "teacher", "teacher", "32-32-32"),
+        ("ternary_a4_hidden", "distill", "twn", "hidden", "width", "width", "2-2-4"),
+        ("ternary_a4_logits", "distill", "twn", "logits", "ternary_a4_hidden", "width", "2-2-4"),
+        ("tws_a4", "split", "bwn", None, "ternary_a4_logits", None, "1-1-4"),
+        ("binary_a4_hidden", "distill", "bwn", "hidden", "tws_a4", "width", "1-1-4"),
+        ("binary_a4_logits", "distill", "bwn", "logits", "binary_a4_hidden", "width", "1-1-4"),
+        ("bwn_a4_hidden", "distill", "bwn", "hidden", "teacher", "teacher", "1-1-4"),
+        ("bwn_a4_logits", "distill", "bwn", "logits", "bwn_a4_hidden", "teacher", "1-1-4"),
     ]

@@ -1,5 +1,6 @@
 """train/glue.py on 2 gloo processes (``accelerate launch --multi_gpu``, CPU) against 1 process on the same global
-batch: one process with ``--per_device_train_batch_size 8``, two with 4 each (issue #16).
+batch: one process with ``--per_device_train_batch_size 8``, two with 4 each (issue #16). The pipeline is
+``--quant ternary``: teacher, half-width full-precision model (``width``), ternary A8 student.
 
 What is expected to match, and what not:
 - Data order: Accelerate's seedable sampler draws the same permutation on every process count and each process takes
@@ -13,9 +14,10 @@ What is expected to match, and what not:
 - Dropout is off in the tiny config: dropout masks are drawn per process, so with dropout the runs agree only in
   distribution. Evaluation: the same batches of 8 in both (the last one completed with duplicates on 2 processes,
   which ``gather_for_metrics`` drops: ``eval_samples`` is the dev size).
-- The students distil from the same (one-process) teacher: a quantized student amplifies the teachers' float-level
-  difference to visible hidden-stage loss differences after an epoch, while from the same teacher it stays at
-  float level. The 2-process teacher is compared by its own run.
+- Each stage is compared given the one-process models before it (``--teacher_name_or_path``,
+  ``--width_name_or_path``). The students distil from the same (one-process) teacher and width model: a quantized
+  student amplifies its teachers' float-level difference to visible hidden-stage loss differences after an epoch,
+  while from the same teacher it stays at float level. The 2-process teacher is compared by its own run.
 
 Tolerances (float32 sums in another order): losses of every step within ``*_LOSS``, best weights within
 ``*_WEIGHTS``, teacher dev accuracy equal, student dev accuracy within one dev example (an A8 student's prediction
@@ -54,7 +56,7 @@ TEACHER_LOSS, TEACHER_WEIGHTS = 1e-5, 1e-3  # measured: 6e-8, 7e-6
 # Measured: hidden stage 6e-8, 7e-6; logits stage 6e-6, 3e-4; every dev accuracy equal. Without the padding
 # fix the first hidden-stage losses differ by 5e-3, without the schedule fix the teacher's third loss by 6e-4.
 STUDENT_LOSS, STUDENT_WEIGHTS = 1e-4, 2e-3
-STAGES = ("teacher", "ternary_a8_hidden", "ternary_a8_logits")
+STAGES = ("teacher", "width", "ternary_a8_hidden", "ternary_a8_logits")
 
 
 def sentences(count, rng, flip):
@@ -157,12 +159,17 @@ def assert_stages_match(one, two, stages, loss_tolerance, weight_tolerance, metr
 def test_two_processes_match_one_process(tiny, tmp_path):
     one = run(tiny, tmp_path / "one", 1)
     teacher = run(tiny, tmp_path / "two_teacher", 2, "--stop_after", "teacher")
-    students = run(tiny, tmp_path / "two_students", 2,
-                   "--teacher_name_or_path", str(tmp_path / "one" / "teacher" / BEST_DIR))
+    given_teacher = ("--teacher_name_or_path", str(tmp_path / "one" / "teacher" / BEST_DIR))
+    width = run(tiny, tmp_path / "two_width", 2, *given_teacher, "--stop_after", "width")
+    students = run(tiny, tmp_path / "two_students", 2, *given_teacher,
+                   "--width_name_or_path", str(tmp_path / "one" / "width" / BEST_DIR))
     assert one["teacher"]["done"]["metrics"]["accuracy"] > 0.6  # the teacher learned: the metrics can differ
     # The teacher fine-tuned on 2 processes.
     assert_stages_match(one, teacher, ["teacher"], TEACHER_LOSS, TEACHER_WEIGHTS, 0.0)
     # The same teacher evaluated on 2 processes (gather_for_metrics drops the padding duplicate).
     assert students["teacher"]["done"]["metrics"] == one["teacher"]["done"]["metrics"]
-    # The ternary A8 student distilled on 2 processes from the same teacher.
-    assert_stages_match(one, students, STAGES[1:], STUDENT_LOSS, STUDENT_WEIGHTS, 1 / DEV_SIZE)
+    # The half-width full-precision model distilled on 2 processes from the same teacher (same Taylor plan).
+    assert_stages_match(one, width, ["width"], TEACHER_LOSS, TEACHER_WEIGHTS, 0.0)
+    assert students["width"]["done"]["metrics"] == one["width"]["done"]["metrics"]
+    # The ternary A8 student distilled on 2 processes from the same teacher and width model.
+    assert_stages_match(one, students, STAGES[2:], STUDENT_LOSS, STUDENT_WEIGHTS, 1 / DEV_SIZE)
