@@ -7,7 +7,8 @@ bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Without an `accelerate config` file, accelerate launch fills in defaults and warns about each one (among them
-# "--num_processes was set to a value of 0"): pass them. One process, or one per GPU when there are several.
+# "--num_processes was set to a value of 0"): pass them. One process, or one per GPU when there are several. Without
+# a GPU, accelerate launch gives the process one thread (OMP_NUM_THREADS=1) unless told otherwise: use every core.
 launch=()
 if ! python -c "import os, sys; from accelerate.commands.config import default_config_file as f; sys.exit(not os.path.isfile(f))"; then
     gpus=$(python -c "import torch; print(torch.cuda.device_count())")
@@ -15,6 +16,9 @@ if ! python -c "import os, sys; from accelerate.commands.config import default_c
         launch=(--multi_gpu --num_processes "$gpus")
     else
         launch=(--num_processes 1)
+    fi
+    if [ "$gpus" -eq 0 ]; then
+        launch+=(--num_cpu_threads_per_process "$(nproc)")
     fi
     launch+=(--num_machines 1 --mixed_precision no --dynamo_backend no)
 fi
