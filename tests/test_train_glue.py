@@ -104,6 +104,19 @@ def run_script(args, launcher=(sys.executable,), timeout=240):
                           text=True, timeout=timeout)
 
 
+def kill_at_first_checkpoint(argv, partial, timeout):
+    """Start the script, kill it (SIGKILL) once ``partial`` holds a complete checkpoint (or after ``timeout`` s),
+    and return the newest complete checkpoint it left (``None`` if none)."""
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *argv], cwd=REPO, env=child_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while latest_checkpoint(partial) is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return latest_checkpoint(partial)
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -558,15 +571,7 @@ def test_script_width_stage_resumes_and_is_skipped_when_finished(tiny, tmp_path)
     output_dir = tmp_path / "run"
     argv = tiny_argv(tiny, output_dir, "--stop_after", "width", "--num_train_epochs", "6",
                      "--checkpointing_steps", "10", "--evals_per_epoch", "1", "--logging_steps", "40")
-    process = subprocess.Popen([sys.executable, str(SCRIPT), *argv], cwd=REPO, env=child_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partial = output_dir / "width.partial"
-    deadline = time.monotonic() + 240
-    while latest_checkpoint(partial) is None and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    checkpoint = latest_checkpoint(partial)
+    checkpoint = kill_at_first_checkpoint(argv, output_dir / "width.partial", timeout=240)
     assert checkpoint is not None and read_done(output_dir, "teacher") and not (output_dir / "width").exists()
     step = int(checkpoint.name.removeprefix("step_"))
     result = run_script([*argv, "--resume_from_checkpoint", "latest"])
@@ -593,15 +598,7 @@ def test_script_killed_mid_stage_resumes_from_checkpoint(tiny, tmp_path):
     output_dir = tmp_path / "run"
     argv = tiny_argv(tiny, output_dir, "--stop_after", "teacher", "--num_train_epochs", "10",
                      "--checkpointing_steps", "10", "--evals_per_epoch", "1", "--logging_steps", "40")
-    process = subprocess.Popen([sys.executable, str(SCRIPT), *argv], cwd=REPO, env=child_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partial = output_dir / "teacher.partial"
-    deadline = time.monotonic() + 180
-    while latest_checkpoint(partial) is None and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    checkpoint = latest_checkpoint(partial)
+    checkpoint = kill_at_first_checkpoint(argv, output_dir / "teacher.partial", timeout=180)
     assert checkpoint is not None and not (output_dir / "teacher").exists()
     step = int(checkpoint.name.removeprefix("step_"))
     result = run_script([*argv, "--resume_from_checkpoint", "latest"])

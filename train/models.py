@@ -177,15 +177,19 @@ def load_student(directory: Path, **kwargs) -> nn.Module:
     return model
 
 
+def training_examples(ctx: Context, batch_size: int) -> DataLoader:
+    """The first ``WIDTH_IMPORTANCE_EXAMPLES`` training examples in order, padded per batch: the same on every
+    process (what the width plan and adaptive splitting rank by, never the dev set)."""
+    train = ctx.tokenized["train"]
+    subset = train.select(range(min(WIDTH_IMPORTANCE_EXAMPLES, len(train))))
+    return DataLoader(subset, batch_size=batch_size, collate_fn=DataCollatorWithPadding(ctx.tokenizer))
+
+
 def width_importance(ctx: Context, model: nn.Module) -> dict:
     """Taylor importance of ``model``'s heads and FFN neurons (``triton_bq.recipe.width``) on the task loss of the first
     ``WIDTH_IMPORTANCE_EXAMPLES`` training examples in batches of the global batch size: the same batches, hence the
     same plan, on every process and for every process count on the same global batch."""
-    train = ctx.tokenized["train"]
-    subset = train.select(range(min(WIDTH_IMPORTANCE_EXAMPLES, len(train))))
-    batch_size = ctx.args.per_device_train_batch_size * ctx.accelerator.num_processes
-    loader = DataLoader(subset, batch_size=batch_size,
-                        collate_fn=DataCollatorWithPadding(ctx.tokenizer))
+    loader = training_examples(ctx, ctx.args.per_device_train_batch_size * ctx.accelerator.num_processes)
     device = ctx.accelerator.device
     model.to(device)
     return taylor_importance(model, ({key: value.to(device) for key, value in batch.items()} for batch in loader))
@@ -245,10 +249,7 @@ def quantize_bwn(model: nn.Module, act_bits: int) -> nn.Module:
 def training_accuracy(ctx: Context, model: nn.Module) -> float:
     """The main metric of ``model`` on the first ``WIDTH_IMPORTANCE_EXAMPLES`` training examples (the same on every
     process): what adaptive splitting ranks its candidates by, so that the dev set never chooses the model."""
-    train = ctx.tokenized["train"]
-    subset = train.select(range(min(WIDTH_IMPORTANCE_EXAMPLES, len(train))))
-    loader = DataLoader(subset, batch_size=ctx.args.per_device_eval_batch_size,
-                        collate_fn=DataCollatorWithPadding(ctx.tokenizer))
+    loader = training_examples(ctx, ctx.args.per_device_eval_batch_size)
     device = ctx.accelerator.device
     model.to(device).eval()
     predictions, labels = [], []

@@ -117,6 +117,17 @@ def load_teacher(ctx: Context, stage: Stage) -> nn.Module:
     return load_student(Path(path), attn_implementation="eager")
 
 
+def finish_student_stage(ctx: Context, stage: Stage, record: dict, quantization: dict, started: float) -> dict:
+    """Finish a trained student stage (width or distillation): its best model's predictions, metrics, size by part
+    and width go into the record, and the stage is finished."""
+    copy_best_predictions(ctx, stage)
+    best = load_student(ctx.partial_dir(stage.name) / BEST_DIR)
+    record.update(model=BEST_DIR, metrics=record["best_metrics"], size_bytes=model_size_bytes(best),
+                  size_parts=size_parts(best), width=quantization.get("width", 1.0))
+    ctx.accelerator.free_memory()
+    return finish_stage(ctx, stage, record, started)
+
+
 def run_width(ctx: Context, stage: Stage) -> dict:
     """The width stage: a full-precision copy of the teacher narrowed to ``--ternary_width`` (Taylor importance on
     training examples), distilled from the full-width teacher on logits and hidden states (DynaBERT), or the given
@@ -138,12 +149,7 @@ def run_width(ctx: Context, stage: Stage) -> dict:
         ctx, stage, model, teacher=teacher, loss_fn=loss_fn, forward_kwargs=forward_kwargs,
         save_model=lambda unwrapped, directory: save_student(unwrapped, directory, quantization, ctx.tokenizer),
     )
-    copy_best_predictions(ctx, stage)
-    best = load_student(ctx.partial_dir(stage.name) / BEST_DIR)
-    record.update(model=BEST_DIR, metrics=record["best_metrics"], size_bytes=model_size_bytes(best),
-                  size_parts=size_parts(best), width=quantization["width"])
-    ctx.accelerator.free_memory()
-    return finish_stage(ctx, stage, record, started)
+    return finish_student_stage(ctx, stage, record, quantization, started)
 
 
 def run_distill(ctx: Context, stage: Stage) -> dict:
@@ -169,12 +175,7 @@ def run_distill(ctx: Context, stage: Stage) -> dict:
         save_model=lambda unwrapped, directory: save_student(unwrapped, directory, quantization, ctx.tokenizer),
         optimizer_hook=optimizer_hook(student, stage.weight_method),
     )
-    copy_best_predictions(ctx, stage)
-    best = load_student(ctx.partial_dir(stage.name) / BEST_DIR)
-    record.update(model=BEST_DIR, metrics=record["best_metrics"], size_bytes=model_size_bytes(best),
-                  size_parts=size_parts(best), width=quantization.get("width", 1.0))
-    accelerator.free_memory()
-    return finish_stage(ctx, stage, record, started)
+    return finish_student_stage(ctx, stage, record, quantization, started)
 
 
 def run_split(ctx: Context, stage: Stage) -> dict:
