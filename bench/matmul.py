@@ -1,9 +1,9 @@
 """Benchmark the fused quantized linear against cuBLAS bf16, the eager fake-quant reference and its torch.compile.
 
 Providers: ``cublas`` (``F.linear``, bf16 autocast), ``reference`` (``triton_bq.reference.quant_linear``, eager),
-``compiled`` (``torch.compile`` of the reference), ``triton_bq`` (the fused kernels, default activation path) and
-``triton_bq_codes`` (the fused kernels on the ``codes`` activation path, ``triton_bq.kernels.linear.act_path``;
-only timed with activation quantization).
+``compiled`` (``torch.compile`` of the reference), ``triton_bq`` (the fused kernels on their default ``codes``
+paths: weight and activation codes written once per GEMM, then streamed) and ``triton_bq_fused`` (the same kernels
+quantizing both operands inside the main loops: ``triton_bq.kernels.linear.act_path`` / ``weight_path``).
 Modes: ``fwd``, ``bwd``, ``full`` (fwd+bwd). Every provider runs under ``torch.autocast("cuda", bfloat16)`` with bf16
 activations and latent weights of ``--weight-dtype`` (fp32 master weights by default, as in mixed-precision QAT).
 
@@ -46,7 +46,7 @@ SHAPES = {
     ("llm", "4096x14336"): (4096, 14336),
 }
 QUICK_SHAPES = ["bert-base", "llm/4096x4096", "llm/14336x4096"]
-PROVIDERS = ["cublas", "reference", "compiled", "triton_bq", "triton_bq_codes"]
+PROVIDERS = ["cublas", "reference", "compiled", "triton_bq", "triton_bq_fused"]
 MODES = ["fwd", "bwd", "full"]
 GEMMS_PER_MODE = {"fwd": 1, "bwd": 2, "full": 3}
 # Activation quantizers: A8 symmetric with a learnable clip (BinaryBERT / TernaryBERT), A4 LSQ.
@@ -143,10 +143,10 @@ class Case:
         elif provider == "compiled":
             op = compiled_reference
         else:
-            path = "codes" if provider == "triton_bq_codes" else "fused"
+            path = "fused" if provider == "triton_bq_fused" else "codes"
 
             def op(*args, **kwargs):
-                with self.kernels_linear.act_path(path):
+                with self.kernels_linear.act_path(path), self.kernels_linear.weight_path(path):
                     return self.kernels_linear.fused_quant_linear(*args, **kwargs)
 
         return lambda: op(self.x, self.weight, self.bias, options, act_clip=self.clip, act_step=self.step)
@@ -235,8 +235,6 @@ def benchmark(args) -> list[dict]:
                 case = Case(args.tokens, n, k, method, act, weight_dtype)
                 reference_forward = case.forward_fn("reference", None)
                 for provider in args.providers:
-                    if provider == "triton_bq_codes" and act == "none":
-                        continue
                     forward = case.forward_fn(provider, compiled_reference)
                     ok, relative, sqnr = True, 0.0, math.inf
                     if provider != "cublas":
@@ -276,7 +274,7 @@ def print_table(rows):
             else:
                 ms[provider] = row["ms"]
                 cells.append(f"{row['ms']:15.3f}")
-        ours = min((ms[p] for p in ("triton_bq", "triton_bq_codes") if p in ms), default=None)
+        ours = min((ms[p] for p in ("triton_bq", "triton_bq_fused") if p in ms), default=None)
         ratio = f"{ours / ms['cublas']:11.2f}" if ours and "cublas" in ms else f"{'-':>11s}"
         speedup = f"{ms['reference'] / ours:9.2f}" if ours and "reference" in ms else f"{'-':>9s}"
         print(f"{key[0] + '/' + key[1]:22s} {key[2]:4s} {key[3]:4s} {key[4]:4s} " + " ".join(cells)

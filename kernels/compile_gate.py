@@ -44,9 +44,11 @@ from triton_bq.options import QuantOptions
 
 from . import _common, configs, linear, packed_matmul
 
-# Activation quantizers of the grid: (act_method, act_bits, act_signed).
-_ACTS = {"none": (None, 8, True), "sym8": ("sym", 8, True), "asym8": ("asym", 8, True),
-         "lsq4": ("lsq", 4, True), "lsq4u": ("lsq", 4, False), "asymlsq4": ("asym_lsq", 4, False)}
+# Activation quantizers of the grid: (act_method, act_bits, act_signed, act_granularity).
+_ACTS = {"none": (None, 8, True, "per_tensor"), "sym8": ("sym", 8, True, "per_tensor"),
+         "asym8": ("asym", 8, True, "per_tensor"), "lsq4": ("lsq", 4, True, "per_tensor"),
+         "lsq4u": ("lsq", 4, False, "per_tensor"), "asymlsq4": ("asym_lsq", 4, False, "per_tensor"),
+         "sym8tok": ("sym", 8, True, "per_token"), "asym8tok": ("asym", 8, True, "per_token")}
 # Compute setups: (x dtype, latent weight dtype, autocast dtype or None, float32 matmul precision).
 _COMPUTE = {
     "bf16-autocast": ("bfloat16", "float32", "bfloat16", "highest"),  # mixed-precision training, bf16 activations
@@ -114,20 +116,26 @@ def _grid(full: bool):
         for compute, (method, granularity), act in itertools.product(_COMPUTE, weights, _ACTS):
             if method is None and act == "none":
                 continue
-            for path in ("fused", "codes") if act != "none" else ("fused",):
+            for path, wpath in itertools.product(("fused", "codes") if act != "none" else ("codes",),
+                                                 ("fused", "codes") if method is not None else ("codes",)):
                 for ste in ("identity", "clipped") if method is not None else ("identity",):
                     yield dict(compute=compute, weight_method=method, granularity=granularity, act=act, path=path,
-                               ste=ste)
+                               wpath=wpath, ste=ste)
         return
     computes = ["bf16-autocast", "bf16-autocast-fp32-x", "bf16", "fp32"]
-    combinations = [(act, path) for act in ("none", "sym8", "asym8", "lsq4", "asymlsq4")
-                    for path in (("fused", "codes") if act != "none" else ("fused",))]
+    combinations = [(act, path) for act in ("none", "sym8", "asym8", "lsq4", "asymlsq4", "asym8tok")
+                    for path in (("fused", "codes") if act != "none" else ("codes",))]
     for index, (compute, (act, path)) in enumerate(itertools.product(computes, combinations)):
-        # Two setups per combination: every weight quantizer meets every dtype and activation.
+        if act == "asym8tok" and compute not in ("bf16-autocast", "bf16"):
+            continue  # per-token scales change no dtype handling: two compute setups cover them
+        # Two setups per combination: every weight quantizer meets every dtype and activation, on both weight
+        # paths (streamed codes, the default, and codes made in the main loops).
         for turn in range(2):
             method, granularity = _WEIGHTS[(index + 2 * turn) % len(_WEIGHTS)]
             ste = ("identity", "clipped")[(index + turn) % 2]
-            yield dict(compute=compute, weight_method=method, granularity=granularity, act=act, path=path, ste=ste)
+            wpath = ("codes", "fused")[turn]
+            yield dict(compute=compute, weight_method=method, granularity=granularity, act=act, path=path,
+                       wpath=wpath, ste=ste)
 
 
 def _run_linear(setup: dict) -> None:
@@ -135,7 +143,7 @@ def _run_linear(setup: dict) -> None:
 
     x_dtype, w_dtype, autocast, precision = (getattr(torch, name) if name in ("float32", "bfloat16", "float16")
                                              else name for name in _COMPUTE[setup["compute"]])
-    act_method, act_bits, act_signed = _ACTS[setup["act"]]
+    act_method, act_bits, act_signed, act_granularity = _ACTS[setup["act"]]
     # Multiples of 16 like real layers, so the pointer / stride alignment specializations are the usual ones.
     x = torch.zeros(64, 128, dtype=x_dtype, requires_grad=True)
     weight = torch.full((96, 128), 0.5, dtype=w_dtype, requires_grad=True)
@@ -145,9 +153,10 @@ def _run_linear(setup: dict) -> None:
     saved_precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
-        with linear.act_path(setup["path"]), torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        with linear.act_path(setup["path"]), linear.weight_path(setup["wpath"]), \
+                torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
             options = QuantOptions(setup["weight_method"], setup["granularity"], setup["ste"], act_method, act_bits,
-                                   act_signed)
+                                   act_signed, act_granularity=act_granularity)
             y = linear.fused_quant_linear(x, weight, bias, options, act_clip=clip, act_step=step)
         y.backward(torch.zeros_like(y))
     finally:

@@ -143,6 +143,7 @@ class LinearOperands:
     dot_bytes: int  # element size of the dot dtype (2, or 4 for float32 dots)
     act_fused: bool  # activation codes computed from x in the main loop
     partials: bool  # grad_x also reduces clip / LSQ-step partial sums in its epilogue
+    weight_fused: bool = True  # weight codes computed from the latent weight in the main loop (else streamed)
 
 
 def linear_shared_bound(kernel: str, option: triton.Config, operands: LinearOperands) -> int:
@@ -157,11 +158,11 @@ def linear_shared_bound(kernel: str, option: triton.Config, operands: LinearOper
     dot = operands.dot_bytes
     if kernel == "fwd":  # codes [BN, BK] from w, x^T [BK, BM]
         raw = block_n * block_k * operands.weight_bytes + block_k * block_m * operands.x_bytes
-        converted = block_n * block_k * dot
+        converted = block_n * block_k * dot if operands.weight_fused or operands.weight_bytes != dot else 0
         converted += block_k * block_m * dot if operands.act_fused or operands.x_bytes != dot else 0
     elif kernel == "bwd_x":  # codes^T [BK, BN] from w, grad_y^T [BN, BM] in the dot dtype
         raw = block_k * block_n * operands.weight_bytes + block_n * block_m * dot
-        converted = block_k * block_n * dot
+        converted = block_k * block_n * dot if operands.weight_fused or operands.weight_bytes != dot else 0
     else:  # q^T [BK, BM] from x, grad_y [BM, BN] in the dot dtype
         raw = block_k * block_m * operands.x_bytes + block_m * block_n * dot
         converted = block_k * block_m * dot if operands.act_fused or operands.x_bytes != dot else 0
@@ -224,6 +225,13 @@ def act_codes(target: Target | None) -> tuple:
     if target.capability == 100:
         return (config(4, 3, BLOCK_M=16, BLOCK_K=128),)
     return (config(4, 3, BLOCK_M=32, BLOCK_K=128),)
+
+
+# The elementwise weight-codes pass ("codes" weight path).
+def weight_codes(target: Target | None) -> tuple:
+    if target is None:
+        return (config(4, 3, BLOCK_N=16, BLOCK_K=64),)
+    return (config(4, 3, BLOCK_N=32, BLOCK_K=128),)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ from . import _common, configs, scales
 from ._common import check_kernel_tensor, dot, grouped_tile, launch, new_output, round_half_even, to_dtype
 from .scales import ROW_PARAMS_OFFSET, clamp_nan
 
-__all__ = ["ACT_PATHS", "act_path", "fused_quant_linear", "set_act_path"]
+__all__ = ["ACT_PATHS", "WEIGHT_PATHS", "act_path", "fused_quant_linear", "set_act_path", "set_weight_path",
+           "weight_path"]
 
 _WEIGHT_CODES = {None: 0, "bwn": 1, "twn": 2, "lat": 2}
 _NONE, _SYM, _ASYM, _LSQ, _ASYM_LSQ = (scales.ACT_CODES[name] for name in (None, "sym", "asym", "lsq", "asym_lsq"))
@@ -36,8 +37,15 @@ _NONE, _SYM, _ASYM, _LSQ, _ASYM_LSQ = (scales.ACT_CODES[name] for name in (None,
 # "codes": one elementwise pass writes the integer codes q in the dot dtype to a transient buffer (freed after
 # the GEMM, never saved for backward) and the GEMM streams them like a plain operand.
 # Chosen with set_act_path / act_path (below); a plain module global, so torch.compile guards on it.
+# The weight codes reach the forward and grad_x GEMMs the same two ways: "fused" (ternarized / binarized from the
+# latent weight inside the main loops) or "codes" (one elementwise pass writes them in the dot dtype, grad_x's
+# already times a per-row alpha, to a transient buffer freed after the GEMM). "codes" is the default for both:
+# the main loops are then a plain dot (docs/kernels.md, instruction counts), and each pass costs one read of the
+# operand and one write of its codes, less than the operand re-reads of the GEMM's tiles it saves.
 ACT_PATHS = ("fused", "codes")
-_ACT_PATH = "fused"
+WEIGHT_PATHS = ("fused", "codes")
+_ACT_PATH = "codes"
+_WEIGHT_PATH = "codes"
 
 
 def set_act_path(path: str) -> str:
@@ -51,13 +59,36 @@ def set_act_path(path: str) -> str:
 
 @contextlib.contextmanager
 def act_path(path: str):
-    """``with act_path("codes"): ...`` runs the block on that activation path and restores the previous one."""
+    """``with act_path("fused"): ...`` runs the block on that activation path and restores the previous one."""
     previous = set_act_path(path)
     try:
         yield path
     finally:
         set_act_path(previous)
 
+
+def set_weight_path(path: str) -> str:
+    """Make ``path`` (``"fused"`` or ``"codes"``) the weight path of later calls; returns the previous one."""
+    global _WEIGHT_PATH
+    if path not in WEIGHT_PATHS:
+        raise ValueError(f"weight path must be one of {WEIGHT_PATHS}, got {path!r}")
+    previous, _WEIGHT_PATH = _WEIGHT_PATH, path
+    return previous
+
+
+@contextlib.contextmanager
+def weight_path(path: str):
+    """``with weight_path("fused"): ...`` runs the block on that weight path and restores the previous one."""
+    previous = set_weight_path(path)
+    try:
+        yield path
+    finally:
+        set_weight_path(previous)
+
+
+# Where the per-token (zero, step) pairs start in the params vector, as a constexpr the kernels can read (a plain
+# int global compiles only under the interpreter).
+_ROW_OFFSET = tl.constexpr(ROW_PARAMS_OFFSET)
 
 # grad_x writes clip / LSQ-step partial sums per SLOT_M x SLOT_K block of x (see configs.linear_slots).
 _SLOT_M, _SLOT_K = configs.linear_slots()
@@ -117,35 +148,65 @@ def _load_row_params(act_ptr, rows, mask, OFFSET: tl.constexpr):
 @triton.jit
 def _act_codes_kernel(
     x_ptr, act_ptr, q_ptr, M, K, stride_xm, stride_xk, stride_qm, stride_qk,
-    ACT: tl.constexpr, ACT_PER_ROW: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    ACT: tl.constexpr, ACT_PER_ROW: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, DEQUANT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """q = clamp(round_half_even((clamp(x, lo, hi) - zero) / safe), qmin, qmax), stored exactly in q's dtype."""
+    """q = clamp(round_half_even((clamp(x, lo, hi) - zero) / safe), qmin, qmax), stored exactly in q's dtype;
+    DEQUANT (per-token scales): x_hat = q * step[m] + zero[m] instead, rounded to q's dtype."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)  # [BM, BK]
     lo, hi, zero, step, safe = _load_act_params(act_ptr, ACT)
     if ACT_PER_ROW:
-        row_zero, _, row_safe = _load_row_params(act_ptr, offs_m, offs_m < M, ROW_PARAMS_OFFSET)
+        row_zero, row_step, row_safe = _load_row_params(act_ptr, offs_m, offs_m < M, _ROW_OFFSET)
         zero, safe = row_zero[:, None], row_safe[:, None]
     q = _act_codes(x, lo, hi, zero, safe, QMIN, QMAX, ACT)
+    if DEQUANT:
+        q = to_dtype(q * row_step[:, None] + row_zero[:, None], q_ptr.dtype.element_ty)
     tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :] * stride_qk, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
+def _weight_codes_kernel(
+    w_ptr, alpha_ptr, delta_ptr, c_ptr, N, K, stride_wn, stride_wk, stride_cn, stride_ck,
+    W_MODE: tl.constexpr, DELTA_PER_ROW: tl.constexpr, SCALE_ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """c = the weight codes of w (``_weight_codes``), times alpha[n] if SCALE_ROWS, stored in c's dtype (the GEMM's
+    dot dtype, rounded as the fused loops round them)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask = mask_n[:, None] & (offs_k[None, :] < K)
+    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=mask, other=0.0)
+    delta = 0.0
+    if W_MODE == 2:
+        if DELTA_PER_ROW:
+            delta = tl.load(delta_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
+        else:
+            delta = tl.load(delta_ptr)
+    c = _weight_codes(w, delta, W_MODE)
+    if SCALE_ROWS:
+        c = c * tl.load(alpha_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
+    tl.store(c_ptr + offs_n[:, None] * stride_cn + offs_k[None, :] * stride_ck, to_dtype(c, c_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
 def _quant_linear_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr, alpha_ptr, delta_ptr, act_ptr,
+    x_ptr, w_ptr, bias_ptr, y_ptr, alpha_ptr, delta_ptr, act_ptr, csum_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-    W_MODE: tl.constexpr, ALPHA_PER_ROW: tl.constexpr, DELTA_PER_ROW: tl.constexpr,
+    W_MODE: tl.constexpr, W_CODES: tl.constexpr, ALPHA_PER_ROW: tl.constexpr, DELTA_PER_ROW: tl.constexpr,
     ACT: tl.constexpr, ACT_PER_ROW: tl.constexpr, X_CODES: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """y^T = alpha * (step * (c @ q^T) + zero * sum_k c) + bias, i.e. y = x_hat @ (alpha * c)^T + bias with
     x_hat = q * step + zero. ACT_PER_ROW: step and zero are per token (a column of the y^T tile), applied in the
-    same epilogue. X_CODES: x_ptr already holds q (integer codes in y's dtype)."""
+    same epilogue. X_CODES: x_ptr already holds q (integer codes in y's dtype); W_CODES: w_ptr already holds c (in
+    y's dtype) and, for an asymmetric x, csum_ptr holds sum_k c per output feature."""
     dot_dtype = y_ptr.dtype.element_ty
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -157,14 +218,14 @@ def _quant_linear_fwd_kernel(
     w_ptrs = w_ptr + cols[:, None] * stride_wn + offs_k[None, :] * stride_wk  # [BN, BK]
     xt_ptrs = x_ptr + offs_k[:, None] * stride_xk + rows[None, :] * stride_xm  # [BK, BM]
     delta = 0.0
-    if W_MODE == 2:
+    if W_MODE == 2 and not W_CODES:
         if DELTA_PER_ROW:
             delta = tl.load(delta_ptr + cols)[:, None]  # [BN, 1]
         else:
             delta = tl.load(delta_ptr)
     lo, hi, zero, step, safe = _load_act_params(act_ptr, ACT)
     if ACT_PER_ROW:
-        row_zero, row_step, row_safe = _load_row_params(act_ptr, rows, rows < M, ROW_PARAMS_OFFSET)
+        row_zero, row_step, row_safe = _load_row_params(act_ptr, rows, rows < M, _ROW_OFFSET)
         zero, step, safe = row_zero[None, :], row_step[None, :], row_safe[None, :]  # [1, BM]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     code_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -172,13 +233,14 @@ def _quant_linear_fwd_kernel(
         mask_k = offs_k < K - k0
         w = tl.load(w_ptrs, mask=mask_k[None, :], other=0.0)  # [BN, BK]
         xt = tl.load(xt_ptrs, mask=mask_k[:, None], other=0.0)  # [BK, BM]
-        c = _weight_codes(w, delta, W_MODE)
-        if ACT == 2 or ACT == 4:
+        if W_CODES:
+            c = w  # streamed codes: the K tail loads as 0
+        elif ACT == 2 or ACT == 4:
             # The asym code of a padded x is not 0 and sign(0) = +1: zero the K tail of c for the dot and the sum.
-            c = to_dtype(tl.where(mask_k[None, :], c, 0.0), dot_dtype)
+            c = to_dtype(tl.where(mask_k[None, :], _weight_codes(w, delta, W_MODE), 0.0), dot_dtype)
             code_sum += tl.sum(c.to(tl.float32), axis=1)
         else:
-            c = to_dtype(c, dot_dtype)
+            c = to_dtype(_weight_codes(w, delta, W_MODE), dot_dtype)
         if ACT == 0 or X_CODES:
             b = to_dtype(xt, dot_dtype)
         else:
@@ -189,6 +251,8 @@ def _quant_linear_fwd_kernel(
     if ACT != 0:
         acc = acc * step
         if ACT == 2 or ACT == 4:
+            if W_CODES:
+                code_sum = tl.load(csum_ptr + cols)
             acc += zero * code_sum[:, None]
     if W_MODE != 0:
         if ALPHA_PER_ROW:
@@ -220,7 +284,7 @@ def _quant_linear_bwd_x_kernel(
     gy_ptr, w_ptr, x_ptr, gx_ptr, alpha_ptr, delta_ptr, act_ptr, partial_ptr,
     M, N, K, num_slot_m, num_slot_k,
     stride_gm, stride_gn, stride_wn, stride_wk, stride_xm, stride_xk, stride_gxm, stride_gxk,
-    W_MODE: tl.constexpr, ALPHA_PER_ROW: tl.constexpr, DELTA_PER_ROW: tl.constexpr,
+    W_MODE: tl.constexpr, W_CODES: tl.constexpr, ALPHA_PER_ROW: tl.constexpr, DELTA_PER_ROW: tl.constexpr,
     ACT: tl.constexpr, ACT_PER_ROW: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
     STORE_GRAD_X: tl.constexpr, PARTIALS: tl.constexpr, PRECISION: tl.constexpr,
     SLOT_M: tl.constexpr, SLOT_K: tl.constexpr,
@@ -228,7 +292,8 @@ def _quant_linear_bwd_x_kernel(
 ):
     """g^T = (alpha * c)^T @ grad_y^T is the grad of x_hat; grad_x = g * 1[lo < x < hi] (clip),
     g * 1[qmin < x/s < qmax] (LSQ) or g * 1[0 <= (x - zero)/s <= qmax] (asym_lsq: BinaryBERT's strict tests; zero
-    per token when ACT_PER_ROW). PARTIALS: per-slot sums of g over x <= lo and x >= hi, or of g * dq/ds."""
+    per token when ACT_PER_ROW). PARTIALS: per-slot sums of g over x <= lo and x >= hi, or of g * dq/ds. W_CODES:
+    w_ptr already holds c in grad_y's dtype (times alpha[n] when ALPHA_PER_ROW)."""
     dot_dtype = gy_ptr.dtype.element_ty
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -239,21 +304,24 @@ def _quant_linear_bwd_x_kernel(
     wt_ptrs = w_ptr + cols[:, None] * stride_wk + offs_n[None, :] * stride_wn  # [BK, BN]
     gyt_ptrs = gy_ptr + offs_n[:, None] * stride_gn + rows[None, :] * stride_gm  # [BN, BM]
     delta = 0.0
-    if W_MODE == 2 and not DELTA_PER_ROW:
+    if W_MODE == 2 and not DELTA_PER_ROW and not W_CODES:
         delta = tl.load(delta_ptr)
     acc = tl.zeros([BLOCK_K, BLOCK_M], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         mask_n = offs_n < N - n0
         wt = tl.load(wt_ptrs, mask=mask_n[None, :], other=0.0)  # [BK, BN]
         gyt = tl.load(gyt_ptrs, mask=mask_n[:, None], other=0.0)  # [BN, BM]
-        if W_MODE == 2 and DELTA_PER_ROW:
-            row_delta = tl.load(delta_ptr + n0 + offs_n, mask=mask_n, other=0.0)[None, :]  # [1, BN]
-            c = _weight_codes(wt, row_delta, W_MODE)
+        if W_CODES:
+            c = wt
         else:
-            c = _weight_codes(wt, delta, W_MODE)
-        if W_MODE != 0 and ALPHA_PER_ROW:
-            # alpha varies along this reduction, so it scales the codes (w_q rounded like the reference's).
-            c = c * tl.load(alpha_ptr + n0 + offs_n, mask=mask_n, other=0.0)[None, :]
+            if W_MODE == 2 and DELTA_PER_ROW:
+                row_delta = tl.load(delta_ptr + n0 + offs_n, mask=mask_n, other=0.0)[None, :]  # [1, BN]
+                c = _weight_codes(wt, row_delta, W_MODE)
+            else:
+                c = _weight_codes(wt, delta, W_MODE)
+            if W_MODE != 0 and ALPHA_PER_ROW:
+                # alpha varies along this reduction, so it scales the codes (w_q rounded like the reference's).
+                c = c * tl.load(alpha_ptr + n0 + offs_n, mask=mask_n, other=0.0)[None, :]
         acc = dot(to_dtype(c, dot_dtype), gyt.to(dot_dtype), acc, PRECISION)
         wt_ptrs += BLOCK_N * stride_wn
         gyt_ptrs += BLOCK_N * stride_gn
@@ -268,7 +336,7 @@ def _quant_linear_bwd_x_kernel(
             above = v >= QMAX
         elif ACT == 4:
             if ACT_PER_ROW:
-                row_zero, _, _ = _load_row_params(act_ptr, rows, rows < M, ROW_PARAMS_OFFSET)
+                row_zero, _, _ = _load_row_params(act_ptr, rows, rows < M, _ROW_OFFSET)
                 v = tl.math.div_rn(xt - row_zero[None, :], tl.load(act_ptr + 3))
             else:
                 v = tl.math.div_rn(xt - tl.load(act_ptr + 2), tl.load(act_ptr + 3))
@@ -329,7 +397,7 @@ def _quant_linear_bwd_w_kernel(
         xt = tl.load(xt_ptrs, mask=mask_m[None, :], other=0.0)  # [BK, BM]
         gy = tl.load(gy_ptrs, mask=mask_m[:, None], other=0.0)  # [BM, BN]
         if ACT_PER_ROW:
-            row_zero, row_step, row_safe = _load_row_params(act_ptr, m0 + offs_m, mask_m, ROW_PARAMS_OFFSET)
+            row_zero, row_step, row_safe = _load_row_params(act_ptr, m0 + offs_m, mask_m, _ROW_OFFSET)
             if X_CODES:
                 q = xt.to(tl.float32)
             else:
@@ -366,6 +434,7 @@ class _Spec(NamedTuple):
     qmin: int
     qmax: int
     codes: bool
+    weight_codes: bool
     dtype: torch.dtype
     precision: str
 
@@ -377,6 +446,7 @@ def _configs(kernel: str, spec: _Spec, x: torch.Tensor, weight: torch.Tensor, pa
     operands = configs.LinearOperands(
         x_bytes=x.element_size(), weight_bytes=weight.element_size(), dot_bytes=spec.dtype.itemsize,
         act_fused=kernel != "bwd_x" and fused, partials=partials,
+        weight_fused=kernel != "bwd_w" and spec.weight_mode != 0 and not spec.weight_codes,
     )
     return configs.linear(kernel, configs.target_of(x.device), operands)
 
@@ -407,8 +477,9 @@ def _weight_scales(weight, weight_method, granularity, weight_scale, weight_thre
     return alpha, None if delta is None else _flat_scale("weight_threshold", delta, rows)
 
 
-def _act_code_buffer(x, params, spec: _Spec) -> torch.Tensor:
-    """The transient integer codes q of x in the dot dtype ("codes" activation path)."""
+def _act_code_buffer(x, params, spec: _Spec, dequant: bool = False) -> torch.Tensor:
+    """The transient integer codes q of x in the dot dtype ("codes" activation path); ``dequant`` (per-token
+    scales): x_hat = q * step + zero per token instead."""
     m, k = x.shape
     codes = new_output((m, k), spec.dtype, x.device)
     options = configs.act_codes(configs.target_of(x.device))
@@ -416,9 +487,37 @@ def _act_code_buffer(x, params, spec: _Spec) -> torch.Tensor:
     launch(
         _act_codes_kernel, (triton.cdiv(m, block_m), triton.cdiv(k, block_k)), options,
         (x, params, codes, m, k, x.stride(0), x.stride(1), codes.stride(0), codes.stride(1)),
-        dict(ACT=spec.act, ACT_PER_ROW=spec.act_per_row, QMIN=spec.qmin, QMAX=spec.qmax),
+        dict(ACT=spec.act, ACT_PER_ROW=spec.act_per_row, QMIN=spec.qmin, QMAX=spec.qmax, DEQUANT=dequant),
     )
     return codes
+
+
+def _weight_code_buffer(weight, alpha, delta, spec: _Spec, scale_rows: bool) -> torch.Tensor:
+    """The transient weight codes c (times alpha[n] if ``scale_rows``) in the dot dtype ("codes" weight path)."""
+    n, k = weight.shape
+    codes = new_output((n, k), spec.dtype, weight.device)
+    options = configs.weight_codes(configs.target_of(weight.device))
+    block_n, block_k = options[0].kwargs["BLOCK_N"], options[0].kwargs["BLOCK_K"]
+    launch(
+        _weight_codes_kernel, (triton.cdiv(n, block_n), triton.cdiv(k, block_k)), options,
+        (weight, weight if alpha is None else alpha, weight if delta is None else delta, codes, n, k,
+         weight.stride(0), weight.stride(1), codes.stride(0), codes.stride(1)),
+        dict(W_MODE=spec.weight_mode, DELTA_PER_ROW=spec.delta_per_row, SCALE_ROWS=scale_rows),
+    )
+    return codes
+
+
+def _streams_weight_codes(spec: _Spec) -> bool:
+    return spec.weight_codes and spec.weight_mode != 0
+
+
+def _weight_constexprs(spec: _Spec, w_codes: bool) -> dict:
+    """The weight constexprs of the forward / grad_x GEMM. Streamed codes look the same for BWN and TWN (one
+    specialization: the method and the threshold only matter to the codes pass)."""
+    if w_codes:
+        return dict(W_MODE=1, W_CODES=True, ALPHA_PER_ROW=spec.alpha_per_row, DELTA_PER_ROW=False)
+    return dict(W_MODE=spec.weight_mode, W_CODES=False, ALPHA_PER_ROW=spec.alpha_per_row,
+                DELTA_PER_ROW=spec.delta_per_row)
 
 
 # Autotuning is keyed by the problem size (the autotuner adds the argument dtypes itself).
@@ -431,29 +530,40 @@ def _forward(x, weight, bias, alpha, delta, params, spec: _Spec) -> torch.Tensor
     n = weight.shape[0]
     x_codes = spec.codes and spec.act != _NONE
     operand = _act_code_buffer(x, params, spec) if x_codes else x
+    w_codes = _streams_weight_codes(spec)
+    w_operand = _weight_code_buffer(weight, alpha, delta, spec, False) if w_codes else weight
+    code_sum = None
+    if w_codes and spec.act in (_ASYM, _ASYM_LSQ):
+        code_sum = w_operand.sum(dim=1, dtype=torch.float32)  # integers below 2**24: exact in any order
     y = new_output((m, n), spec.dtype, x.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     args = (
-        operand, weight, weight if bias is None else bias, y,
+        operand, w_operand, weight if bias is None else bias, y,
         weight if alpha is None else alpha, weight if delta is None else delta, weight if params is None else params,
+        weight if code_sum is None else code_sum,
         m, n, k,
-        operand.stride(0), operand.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
+        operand.stride(0), operand.stride(1), w_operand.stride(0), w_operand.stride(1), y.stride(0), y.stride(1),
     )
     constexprs = dict(
-        W_MODE=spec.weight_mode, ALPHA_PER_ROW=spec.alpha_per_row, DELTA_PER_ROW=spec.delta_per_row,
+        **_weight_constexprs(spec, w_codes),
         ACT=spec.act, ACT_PER_ROW=spec.act_per_row, X_CODES=x_codes, QMIN=spec.qmin, QMAX=spec.qmax,
         HAS_BIAS=bias is not None,
         PRECISION=spec.precision,
     )
-    launch(_quant_linear_fwd_kernel, grid, _configs("fwd", spec, operand, weight), args, constexprs, _AUTOTUNE_KEY)
+    options = _configs("fwd", spec, operand, w_operand)
+    launch(_quant_linear_fwd_kernel, grid, options, args, constexprs, _AUTOTUNE_KEY)
     return y
 
 
-def _backward_x(grad_y, weight, x, alpha, delta, params, spec: _Spec, store_grad_x: bool, partials: bool):
-    """``(grad_x or None, partial sums [slots_m, slots_k, 2] or None)``."""
+def _backward_x(grad_y, weight, x, alpha, delta, params, spec: _Spec, store_grad_x: bool, partials: bool,
+                grad_dtype: torch.dtype):
+    """``(grad_x in grad_dtype or None, partial sums [slots_m, slots_k, 2] or None)``."""
     m, k = x.shape
     n = weight.shape[0]
-    grad_x = new_output((m, k), x.dtype, x.device) if store_grad_x else None
+    w_codes = _streams_weight_codes(spec)
+    if w_codes:
+        weight = _weight_code_buffer(weight, alpha, delta, spec, spec.alpha_per_row)
+    grad_x = new_output((m, k), grad_dtype, x.device) if store_grad_x else None
     num_slot_m, num_slot_k = triton.cdiv(m, _SLOT_M), triton.cdiv(k, _SLOT_K)
     partial = new_output((num_slot_m, num_slot_k, 2), torch.float32, x.device) if partials else None
     target = grad_y if grad_x is None else grad_x
@@ -467,7 +577,7 @@ def _backward_x(grad_y, weight, x, alpha, delta, params, spec: _Spec, store_grad
         target.stride(0), target.stride(1),
     )
     constexprs = dict(
-        W_MODE=spec.weight_mode, ALPHA_PER_ROW=spec.alpha_per_row, DELTA_PER_ROW=spec.delta_per_row,
+        **_weight_constexprs(spec, w_codes),
         ACT=spec.act, ACT_PER_ROW=spec.act_per_row, QMIN=spec.qmin, QMAX=spec.qmax, STORE_GRAD_X=store_grad_x,
         PARTIALS=partials,
         PRECISION=spec.precision, SLOT_M=_SLOT_M, SLOT_K=_SLOT_K,
@@ -481,7 +591,9 @@ def _backward_w(grad_y, x, weight, params, grad_sum, spec: _Spec) -> torch.Tenso
     m, k = x.shape
     n = weight.shape[0]
     x_codes = spec.codes and spec.act != _NONE
-    operand = _act_code_buffer(x, params, spec) if x_codes else x
+    # Per-token step and zero vary along grad_w's reduction: the pass writes x_hat itself and the GEMM is plain.
+    x_hat = x_codes and spec.act_per_row
+    operand = _act_code_buffer(x, params, spec, dequant=x_hat) if x_codes else x
     grad_w = new_output((n, k), weight.dtype, weight.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]),)
     args = (
@@ -492,8 +604,8 @@ def _backward_w(grad_y, x, weight, params, grad_sum, spec: _Spec) -> torch.Tenso
         weight.stride(0), weight.stride(1), grad_w.stride(0), grad_w.stride(1),
     )
     constexprs = dict(
-        ACT=spec.act, ACT_PER_ROW=spec.act_per_row, X_CODES=x_codes, QMIN=spec.qmin, QMAX=spec.qmax,
-        CLIPPED=spec.clipped,
+        ACT=_NONE if x_hat else spec.act, ACT_PER_ROW=spec.act_per_row and not x_hat, X_CODES=x_codes and not x_hat,
+        QMIN=spec.qmin, QMAX=spec.qmax, CLIPPED=spec.clipped,
         PRECISION=spec.precision,
     )
     launch(_quant_linear_bwd_w_kernel, grid, _configs("bwd_w", spec, operand, weight), args, constexprs, _AUTOTUNE_KEY)
@@ -505,7 +617,7 @@ class _FusedQuantLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, weight_scale, weight_threshold, act_clip, act_step, options, dtype, precision,
-                act_path):
+                act_path, weight_path):
         weight_method, act_method = options.weight_method, options.act_method
         n, k = weight.shape
         x2 = x.reshape(-1, k)
@@ -515,6 +627,12 @@ class _FusedQuantLinear(torch.autograd.Function):
             bias = bias.contiguous()
         alpha, delta = _weight_scales(weight, weight_method, options.granularity, weight_scale, weight_threshold)
         act = scales.ACT_CODES[act_method]
+        ctx.x_dtype = x.dtype
+        if act == _NONE and x2.dtype != dtype:
+            # Unquantized x reaches the GEMMs in the dot dtype: cast once (as autocast casts F.linear's input), so
+            # the forward streams it to the tensor cores and the saved copy is the smaller one. Same rounding as a
+            # cast in the main loop.
+            x2 = x2.to(dtype)
         params, (qmin, qmax) = None, (0, 0)
         # The LSQ step is learned (one value whatever the granularity); sym / asym scales and the asym_lsq zero
         # point are per token.
@@ -529,7 +647,8 @@ class _FusedQuantLinear(torch.autograd.Function):
             alpha_per_row=alpha is not None and alpha.numel() > 1,
             delta_per_row=delta is not None and delta.numel() > 1,
             clipped=weight_method is not None and options.ste == "clipped",
-            act=act, act_per_row=act_per_row, qmin=qmin, qmax=qmax, codes=act_path == "codes", dtype=dtype,
+            act=act, act_per_row=act_per_row, qmin=qmin, qmax=qmax, codes=act_path == "codes",
+            weight_codes=weight_path == "codes", dtype=dtype,
             precision=precision,
         )
         if x2.shape[0] == 0:
@@ -558,10 +677,11 @@ class _FusedQuantLinear(torch.autograd.Function):
         grad_x = grad_w = grad_bias = grad_clip = grad_step = None
         partial_sum = torch.zeros(2, dtype=torch.float32, device=x2.device)
         if m == 0:
-            grad_x = x2.new_zeros(ctx.x_shape) if needs[0] else None
+            grad_x = x2.new_zeros(ctx.x_shape, dtype=ctx.x_dtype) if needs[0] else None
             grad_w = torch.zeros_like(weight) if needs[1] else None
         elif needs[0] or need_act:
-            grad_x, partial = _backward_x(grad_y, weight, x2, alpha, delta, params, spec, needs[0], need_act)
+            grad_x, partial = _backward_x(grad_y, weight, x2, alpha, delta, params, spec, needs[0], need_act,
+                                          ctx.x_dtype)
             if grad_x is not None:
                 grad_x = grad_x.reshape(ctx.x_shape)
             if partial is not None:
@@ -580,7 +700,7 @@ class _FusedQuantLinear(torch.autograd.Function):
                 grad_step = (partial_sum[0] * scale).to(dtype).reshape(shape)
             else:
                 grad_clip = partial_sum.to(dtype).reshape(shape)
-        return grad_x, grad_w, grad_bias, None, None, grad_clip, grad_step, None, None, None, None
+        return grad_x, grad_w, grad_bias, None, None, grad_clip, grad_step, None, None, None, None, None
 
 
 @torch.compiler.assume_constant_result
@@ -625,5 +745,6 @@ def fused_quant_linear(
         raise TypeError(f"the compute dtype (autocast or x's) must be float32, bfloat16 or float16, got {dtype}")
     precision = _fp32_dot_precision() if dtype == torch.float32 else "tf32"
     return _FusedQuantLinear.apply(
-        x, weight, bias, weight_scale, weight_threshold, act_clip, act_step, options, dtype, precision, _ACT_PATH
+        x, weight, bias, weight_scale, weight_threshold, act_clip, act_step, options, dtype, precision, _ACT_PATH,
+        _WEIGHT_PATH,
     )

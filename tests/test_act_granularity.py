@@ -47,7 +47,8 @@ def _run(op, x, weight, bias, clip, options, grad_y, step=None):
 
 
 def _per_token_cases():
-    """Every weight method x sym / asym x dtype on the fused path; the "codes" activation path in bf16."""
+    """Every weight method x sym / asym x dtype on the fused activation and weight paths; both on the "codes" paths
+    in bf16."""
     for (method, granularity), act_method, dtype_id in itertools.product(
         [("bwn", "tensor"), ("twn", "row"), (None, "tensor")], ["sym", "asym"], ["fp32", "bf16"]
     ):
@@ -61,6 +62,7 @@ def test_per_token_forward_and_grads_match_reference(device, monkeypatch, method
                                                      act_path):
     """y, grad_x, grad_w, grad_bias and the PACT clip gradient of per-token sym / asym against float64."""
     monkeypatch.setattr(kernels_linear, "_ACT_PATH", act_path)
+    monkeypatch.setattr(kernels_linear, "_WEIGHT_PATH", act_path)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_id]
     shape = SHAPES["b2-t5-k96-n40"] if method is None else SHAPES["m127-k96-n33"]
     x, weight, bias, clip = _inputs(shape, dtype, device)

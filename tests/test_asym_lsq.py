@@ -134,6 +134,7 @@ def _per_token_cases():
 @pytest.mark.parametrize("method, granularity, dtype_id, act_path", list(_per_token_cases()))
 def test_per_token_fused_matches_reference(device, monkeypatch, method, granularity, dtype_id, act_path):
     monkeypatch.setattr(kernels_linear, "_ACT_PATH", act_path)
+    monkeypatch.setattr(kernels_linear, "_WEIGHT_PATH", act_path)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_id]
     x, weight, bias, _ = _inputs(SHAPES["b2-t5-k96-n40"], dtype, device)
     x[:, :2] = x[:, :2].abs() + 0.5  # rows with a positive min (zero point 0)

@@ -80,14 +80,16 @@ def test_slots_tile_every_grad_x_config():
                 assert option.kwargs["BLOCK_M"] % slot_m == 0 and option.kwargs["BLOCK_K"] % slot_k == 0
 
 
-def test_act_path_context_and_setter():
-    assert linear._ACT_PATH == "fused"
-    with linear.act_path("codes"):
-        assert linear._ACT_PATH == "codes"
-    assert linear._ACT_PATH == "fused"
-    with pytest.raises(ValueError, match="bogus"):
-        linear.set_act_path("bogus")
-    assert linear.set_act_path("fused") == "fused"
+def test_act_and_weight_path_context_and_setter():
+    for name, setter, context in [("_ACT_PATH", linear.set_act_path, linear.act_path),
+                                  ("_WEIGHT_PATH", linear.set_weight_path, linear.weight_path)]:
+        assert getattr(linear, name) == "codes"
+        with context("fused"):
+            assert getattr(linear, name) == "fused"
+        assert getattr(linear, name) == "codes"
+        with pytest.raises(ValueError, match="bogus"):
+            setter("bogus")
+        assert setter("codes") == "codes"
 
 
 def test_recording_target_is_scoped():

@@ -241,14 +241,15 @@ def test_float16_matches_reference(device, method, act_id):
     check_against_float64_reference(x, weight, bias, clip, step, options, torch.float16)
 
 
-@pytest.mark.parametrize("act_id", ["a8-sym", "a8-asym", "a4-lsq-unsigned", "a4-asym-lsq"])
-def test_codes_act_path_matches_reference(device, monkeypatch, act_id):
-    """The "codes" activation path (codes written once, then streamed by the GEMMs); "fused" is the default."""
-    monkeypatch.setattr(kernels_linear, "_ACT_PATH", kernels_linear._ACT_PATH)  # restored after the test
-    kernels_linear.set_act_path("codes")
+@pytest.mark.parametrize("method, granularity", [("twn", "tensor"), ("bwn", "row")], ids=["twn-tensor", "bwn-row"])
+@pytest.mark.parametrize("act_id", ["a-none", "a8-sym", "a8-asym", "a4-lsq-unsigned", "a4-asym-lsq"])
+def test_fused_paths_match_reference(device, monkeypatch, act_id, method, granularity):
+    """The "fused" activation and weight paths (codes made inside the GEMM main loops); "codes" is the default."""
+    monkeypatch.setattr(kernels_linear, "_ACT_PATH", "fused")
+    monkeypatch.setattr(kernels_linear, "_WEIGHT_PATH", "fused")
     act = ACTS[act_id]
     x, weight, bias, clip, step = make_inputs(SHAPES["m127-k96-n33"], act, torch.bfloat16, device, seed=4)
-    options = options_for("twn", "tensor", "clipped", act)
+    options = options_for(method, granularity, "clipped", act)
     check_against_float64_reference(x, weight, bias, clip, step, options, torch.bfloat16)
 
 
@@ -281,21 +282,25 @@ def _exact_inputs(act: Act, device):
 
 
 def _exact_cases():
-    """Both weight methods, every activation quantizer, fp32 and bf16; the "codes" activation path in bf16."""
+    """Both weight methods, every activation quantizer, fp32 and bf16, each on the default "codes" paths and the
+    "fused" ones; the two mixed (activation, weight) paths too for TWN in bf16."""
     for act_id, method, dtype_id in itertools.product(
         ["a8-sym", "a8-asym", "a4-lsq-signed", "a4-lsq-unsigned", "a4-asym-lsq"], ["bwn", "twn"], DTYPES
     ):
-        paths = kernels_linear.ACT_PATHS if dtype_id == "bf16" and method == "twn" else ("fused",)
-        for act_path in paths:
-            yield pytest.param(act_id, method, dtype_id, act_path, id=f"{method}-{act_id}-{dtype_id}-{act_path}")
+        paths = [("codes", "codes"), ("fused", "fused")]
+        if dtype_id == "bf16" and method == "twn":
+            paths += [("fused", "codes"), ("codes", "fused")]
+        for act_path, weight_path in paths:
+            yield pytest.param(act_id, method, dtype_id, act_path, weight_path,
+                               id=f"{method}-{act_id}-{dtype_id}-act-{act_path}-weight-{weight_path}")
 
 
-@pytest.mark.parametrize("act_id, method, dtype_id, act_path", list(_exact_cases()))
-def test_codes_and_grads_exact(device, monkeypatch, act_id, method, dtype_id, act_path):
+@pytest.mark.parametrize("act_id, method, dtype_id, act_path, weight_path", list(_exact_cases()))
+def test_codes_and_grads_exact(device, monkeypatch, act_id, method, dtype_id, act_path, weight_path):
     """weight_scale = 1, a power-of-two activation step and an integer grad_y make every result an exact sum of
-    exactly representable terms: the fused codes, masks and partial sums must equal the reference bit for bit."""
-    monkeypatch.setattr(kernels_linear, "_ACT_PATH", kernels_linear._ACT_PATH)  # restored after the test
-    kernels_linear.set_act_path(act_path)
+    exactly representable terms: the codes, masks and partial sums must equal the reference bit for bit."""
+    monkeypatch.setattr(kernels_linear, "_ACT_PATH", act_path)
+    monkeypatch.setattr(kernels_linear, "_WEIGHT_PATH", weight_path)
     act, dtype = ACTS[act_id], DTYPES[dtype_id]
     x, weight, clip, step = _exact_inputs(act, device)
     # The codes of the bf16-rounded inputs are compared (bf16 keeps 8 significant bits of the grid values).

@@ -1,0 +1,74 @@
+"""The offline main-loop instruction count (``python -m triton_bq.kernels.instruction_count``).
+
+The SASS parsing is checked on hand-written listings; the real count compiles a few default specializations for
+sm_90 in a subprocess without ``TRITON_INTERPRET`` and checks the lean-loop target on the default paths.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from triton_bq.kernels import instruction_count
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_LISTING = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDS R4, [R2] ;
+.L_x_1:
+        /*0020*/                   LDS R5, [R2+0x4] ;
+        /*0030*/                   FSETP.GE.AND P0, PT, R5, RZ, PT ;
+        /*0040*/                   FSEL R6, RZ, 1, !P0 ;
+        /*0050*/                   HGMMA.64x128x16.F32.BF16 R24, R96, gdesc[UR8], R24 ;
+        /*0060*/                   HGMMA.64x128x16.F32.BF16 R24, R100, gdesc[UR8], R24, gsb0 ;
+        /*0070*/                   NOP ;
+        /*0080*/              @!P6 BRA `(.L_x_1) ;
+        /*0090*/              @P1 BRA `(.L_x_0) ;
+        /*00a0*/                   EXIT ;
+.L_x_2:
+        /*00b0*/                   BRA `(.L_x_2);
+"""
+
+
+def test_main_loop_is_the_innermost_loop_with_mma():
+    loop = instruction_count.main_loop(_LISTING)
+    # .L_x_1 .. its branch: LDS, FSETP, FSEL, 2 HGMMA, (NOP dropped), BRA.
+    assert (loop.mma, loop.other) == (2, 4)
+    assert loop.per_mma == 2.0
+    assert loop.mma_name == "HGMMA.64x128x16.F32.BF16"
+    assert loop.opcodes == {"LDS": 1, "FSETP": 1, "FSEL": 1, "BRA": 1}
+
+
+def test_listing_without_mma_loop():
+    assert instruction_count.main_loop(_LISTING.replace("HGMMA", "FFMA")) is None
+    assert instruction_count.main_loop("") is None
+
+
+def test_rows_know_the_default_paths():
+    on = instruction_count._on_default_paths
+    assert on("linear compute=bf16 weight_method=bwn granularity=tensor act=sym8 path=codes wpath=codes ste=identity")
+    assert on("linear compute=bf16 weight_method=bwn granularity=tensor act=none path=codes wpath=codes ste=identity")
+    assert on("linear compute=bf16 weight_method=None granularity=tensor act=sym8 path=codes wpath=codes ste=identity")
+    assert not on("linear compute=bf16 weight_method=twn granularity=row act=sym8 path=fused wpath=codes ste=identity")
+    assert not on("linear compute=bf16 weight_method=twn granularity=row act=none path=codes wpath=fused ste=identity")
+    assert not on("packed dtype=bfloat16 M=16 bits=1 parts=1")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_default_paths_meet_the_lean_loop_target_on_sm90():
+    """Forward, grad-x and grad-w of BWN and TWN under bf16 autocast, weight-only and A8: at most 1.3x the non-MMA
+    instructions per HGMMA of the plain bf16 dot with the same tile."""
+    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    completed = subprocess.run(
+        [sys.executable, "-m", "triton_bq.kernels.instruction_count", "--max-ratio", "1.3",
+         "--only", r"_quant_linear_.*compute=bf16-autocast .*act=(none|sym8|asym8) path=codes wpath=codes"],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )
+    assert completed.returncode == 0, completed.stdout[-6000:] + completed.stderr[-3000:]
+    rows = [line for line in completed.stdout.splitlines() if "HGMMA" in line]
+    assert {line.split()[0] for line in rows} == {"fwd", "bwd_x", "bwd_w"}, completed.stdout
