@@ -48,42 +48,42 @@ _ACT_PATH = "codes"
 _WEIGHT_PATH = "codes"
 
 
-def set_act_path(path: str) -> str:
-    """Make ``path`` (``"fused"`` or ``"codes"``) the activation path of later calls; returns the previous one."""
-    global _ACT_PATH
-    if path not in ACT_PATHS:
-        raise ValueError(f"act path must be one of {ACT_PATHS}, got {path!r}")
-    previous, _ACT_PATH = _ACT_PATH, path
+def _set_path(kind: str, path: str) -> str:
+    name = f"_{kind.upper()}_PATH"
+    if path not in ("fused", "codes"):
+        raise ValueError(f"{kind} path must be one of ('fused', 'codes'), got {path!r}")
+    previous = globals()[name]
+    globals()[name] = path
     return previous
 
 
 @contextlib.contextmanager
-def act_path(path: str):
-    """``with act_path("fused"): ...`` runs the block on that activation path and restores the previous one."""
-    previous = set_act_path(path)
+def _using_path(kind: str, path: str):
+    previous = _set_path(kind, path)
     try:
         yield path
     finally:
-        set_act_path(previous)
+        _set_path(kind, previous)
+
+
+def set_act_path(path: str) -> str:
+    """Make ``path`` (``"fused"`` or ``"codes"``) the activation path of later calls; returns the previous one."""
+    return _set_path("act", path)
+
+
+def act_path(path: str):
+    """``with act_path("fused"): ...`` runs the block on that activation path and restores the previous one."""
+    return _using_path("act", path)
 
 
 def set_weight_path(path: str) -> str:
     """Make ``path`` (``"fused"`` or ``"codes"``) the weight path of later calls; returns the previous one."""
-    global _WEIGHT_PATH
-    if path not in WEIGHT_PATHS:
-        raise ValueError(f"weight path must be one of {WEIGHT_PATHS}, got {path!r}")
-    previous, _WEIGHT_PATH = _WEIGHT_PATH, path
-    return previous
+    return _set_path("weight", path)
 
 
-@contextlib.contextmanager
 def weight_path(path: str):
     """``with weight_path("fused"): ...`` runs the block on that weight path and restores the previous one."""
-    previous = set_weight_path(path)
-    try:
-        yield path
-    finally:
-        set_weight_path(previous)
+    return _using_path("weight", path)
 
 
 # Where the per-token (zero, step) pairs start in the params vector, as a constexpr the kernels can read (a plain
