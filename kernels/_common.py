@@ -82,6 +82,19 @@ def dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def int_dot(a, b, acc):
+    """acc + a @ b for int8 operands and an int32 accumulator (integer tensor cores on CUDA).
+
+    Under the interpreter each step's product is taken in float32 (exact: one step of at most a few hundred 8-bit
+    products stays far below 2**24) and added in int32.
+    """
+    if _INTERPRETER_WORKAROUNDS:
+        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee").to(tl.int32)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
 def to_dtype(x, dtype: tl.constexpr):
     """``x.to(dtype)`` with round-to-nearest-even, done on the float32 bits under the interpreter for bf16."""
     if _INTERPRETER_WORKAROUNDS and dtype == tl.bfloat16 and x.dtype == tl.float32:

@@ -118,9 +118,10 @@ def _grid(full: bool):
                 continue
             for path, wpath in itertools.product(("fused", "codes") if act != "none" else ("codes",),
                                                  ("fused", "codes") if method is not None else ("codes",)):
-                for ste in ("identity", "clipped") if method is not None else ("identity",):
+                for ste, fdot in itertools.product(("identity", "clipped") if method is not None else ("identity",),
+                                                   ("int8", "float")):
                     yield dict(compute=compute, weight_method=method, granularity=granularity, act=act, path=path,
-                               wpath=wpath, ste=ste)
+                               wpath=wpath, fdot=fdot, ste=ste)
         return
     computes = ["bf16-autocast", "bf16-autocast-fp32-x", "bf16", "fp32"]
     combinations = [(act, path) for act in ("none", "sym8", "asym8", "lsq4", "asymlsq4", "asym8tok")
@@ -134,8 +135,10 @@ def _grid(full: bool):
             method, granularity = _WEIGHTS[(index + 2 * turn) % len(_WEIGHTS)]
             ste = ("identity", "clipped")[(index + turn) % 2]
             wpath = ("codes", "fused")[turn]
+            # The forward's int8 dot (the default where the codes fit int8) and its float twin in pure bf16.
+            fdot = "float" if compute == "bf16" else "int8"
             yield dict(compute=compute, weight_method=method, granularity=granularity, act=act, path=path,
-                       wpath=wpath, ste=ste)
+                       wpath=wpath, fdot=fdot, ste=ste)
 
 
 def _run_linear(setup: dict) -> None:
@@ -153,7 +156,7 @@ def _run_linear(setup: dict) -> None:
     saved_precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
-        with linear.act_path(setup["path"]), linear.weight_path(setup["wpath"]), \
+        with linear.act_path(setup["path"]), linear.weight_path(setup["wpath"]), linear.forward_dot(setup["fdot"]), \
                 torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
             options = QuantOptions(setup["weight_method"], setup["granularity"], setup["ste"], act_method, act_bits,
                                    act_signed, act_granularity=act_granularity)

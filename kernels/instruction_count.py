@@ -140,10 +140,15 @@ def _baseline_launch(launch: compile_gate.Launch, option) -> tuple[compile_gate.
     if name in _OPERANDS:
         arguments = dict(zip(names, launch.args, strict=True))
         dot_dtype = arguments[_OPERANDS[name][2 if name == "_quant_linear_fwd_kernel" else 0]].dtype
+        int8 = launch.constexprs.get("INT8", False)
         for operand in _OPERANDS[name]:
-            arguments[operand] = arguments[operand].to(dot_dtype)
+            # An int8 forward's baseline is a plain int8 dot (same MMA kind); its output keeps its dtype.
+            if not (int8 and operand != "y_ptr"):
+                arguments[operand] = arguments[operand].to(dot_dtype)
         constexprs = dict(launch.constexprs)
         constexprs.update((key, value) for key, value in _PLAIN.items() if key in constexprs)
+        if int8:  # the int8 codes are the plain operands: streamed as they are
+            constexprs.update(W_MODE=1, W_CODES=True, X_CODES=True)
         return compile_gate.Launch(launch.kernel, tuple(arguments[n] for n in names), constexprs, (option,)), option
     if name == "_packed_gemm_kernel":
         arguments = dict(zip(names, launch.args, strict=True))
@@ -217,7 +222,8 @@ def _on_default_paths(setup: str) -> bool:
         return False
     fields = dict(item.split("=", 1) for item in setup.split()[1:])
     return ((fields["act"] == "none" or fields["path"] == linear._ACT_PATH)
-            and (fields["weight_method"] == "None" or fields["wpath"] == linear._WEIGHT_PATH))
+            and (fields["weight_method"] == "None" or fields["wpath"] == linear._WEIGHT_PATH)
+            and fields.get("fdot", linear._FORWARD_DOT) == linear._FORWARD_DOT)
 
 
 def _short_setup(setup: str) -> str:
@@ -229,7 +235,8 @@ def _short_setup(setup: str) -> str:
     if fields["weight_method"] != "None":
         weight = f"{fields['weight_method']}-{fields['granularity']}/{fields['wpath']}"
     act = fields["act"] if fields["act"] == "none" else f"{fields['act']}/{fields['path']}"
-    return f"{fields['compute']} w={weight} act={act}"
+    dot = " dot=float" if fields.get("fdot") == "float" else ""
+    return f"{fields['compute']} w={weight} act={act}{dot}"
 
 
 def collect(target: str = "sm_90", only: str | None = None) -> list:

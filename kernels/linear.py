@@ -23,11 +23,11 @@ from triton_bq import reference
 from triton_bq.options import QuantOptions
 
 from . import _common, configs, scales
-from ._common import check_kernel_tensor, dot, grouped_tile, launch, new_output, round_half_even, to_dtype
+from ._common import check_kernel_tensor, dot, grouped_tile, int_dot, launch, new_output, round_half_even, to_dtype
 from .scales import ROW_PARAMS_OFFSET, clamp_nan
 
-__all__ = ["ACT_PATHS", "WEIGHT_PATHS", "act_path", "fused_quant_linear", "set_act_path", "set_weight_path",
-           "weight_path"]
+__all__ = ["ACT_PATHS", "FORWARD_DOTS", "WEIGHT_PATHS", "act_path", "forward_dot", "fused_quant_linear", "set_act_path",
+           "set_forward_dot", "set_weight_path", "weight_path"]
 
 _WEIGHT_CODES = {None: 0, "bwn": 1, "twn": 2, "lat": 2}
 _NONE, _SYM, _ASYM, _LSQ, _ASYM_LSQ = (scales.ACT_CODES[name] for name in (None, "sym", "asym", "lsq", "asym_lsq"))
@@ -40,18 +40,26 @@ _NONE, _SYM, _ASYM, _LSQ, _ASYM_LSQ = (scales.ACT_CODES[name] for name in (None,
 # The weight codes reach the forward and grad_x GEMMs the same two ways: "fused" (ternarized / binarized from the
 # latent weight inside the main loops) or "codes" (one elementwise pass writes them in the dot dtype, grad_x's
 # already times a per-row alpha, to a transient buffer freed after the GEMM). "codes" is the default for both:
-# the main loops are then a plain dot (docs/kernels.md, instruction counts), and each pass costs one read of the
-# operand and one write of its codes, less than the operand re-reads of the GEMM's tiles it saves.
+# the main loops are then a plain dot (docs/kernels.md, instruction counts); each pass costs a write and a read of
+# the codes and one more launch (docs/kernels.md, cost model).
 ACT_PATHS = ("fused", "codes")
 WEIGHT_PATHS = ("fused", "codes")
 _ACT_PATH = "codes"
 _WEIGHT_PATH = "codes"
 
 
+# The forward's dot on the codes paths when both codes fit int8 (A8 sym, A4 LSQ / asym LSQ, ...): "int8" (integer
+# tensor cores, int32 accumulator; default) or "float" (the codes in the compute dtype). Both are exact.
+FORWARD_DOTS = ("int8", "float")
+_FORWARD_DOT = "int8"
+_CHOICES = {"act": ACT_PATHS, "weight": WEIGHT_PATHS, "forward_dot": FORWARD_DOTS}
+
+
 def _set_path(kind: str, path: str) -> str:
-    name = f"_{kind.upper()}_PATH"
-    if path not in ("fused", "codes"):
-        raise ValueError(f"{kind} path must be one of ('fused', 'codes'), got {path!r}")
+    name = f"_{kind.upper()}_PATH" if kind != "forward_dot" else "_FORWARD_DOT"
+    if path not in _CHOICES[kind]:
+        raise ValueError(f"{kind} {'path ' if kind != 'forward_dot' else ''}must be one of {_CHOICES[kind]}, "
+                         f"got {path!r}")
     previous = globals()[name]
     globals()[name] = path
     return previous
@@ -84,6 +92,17 @@ def set_weight_path(path: str) -> str:
 def weight_path(path: str):
     """``with weight_path("fused"): ...`` runs the block on that weight path and restores the previous one."""
     return _using_path("weight", path)
+
+
+def set_forward_dot(kind: str) -> str:
+    """Make ``kind`` (``"int8"`` or ``"float"``) the forward dot of later calls on the codes paths; returns the
+    previous one."""
+    return _set_path("forward_dot", kind)
+
+
+def forward_dot(kind: str):
+    """``with forward_dot("float"): ...`` runs the block with that forward dot and restores the previous one."""
+    return _using_path("forward_dot", kind)
 
 
 # Where the per-token (zero, step) pairs start in the params vector, as a constexpr the kernels can read (a plain
@@ -200,13 +219,14 @@ def _quant_linear_fwd_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     W_MODE: tl.constexpr, W_CODES: tl.constexpr, ALPHA_PER_ROW: tl.constexpr, DELTA_PER_ROW: tl.constexpr,
     ACT: tl.constexpr, ACT_PER_ROW: tl.constexpr, X_CODES: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, INT8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """y^T = alpha * (step * (c @ q^T) + zero * sum_k c) + bias, i.e. y = x_hat @ (alpha * c)^T + bias with
     x_hat = q * step + zero. ACT_PER_ROW: step and zero are per token (a column of the y^T tile), applied in the
     same epilogue. X_CODES: x_ptr already holds q (integer codes in y's dtype); W_CODES: w_ptr already holds c (in
-    y's dtype) and, for an asymmetric x, csum_ptr holds sum_k c per output feature."""
+    y's dtype) and, for an asymmetric x, csum_ptr holds sum_k c per output feature. INT8: both hold int8 codes and
+    the dot runs on integer tensor cores into an int32 accumulator (exact, as the float32 one is)."""
     dot_dtype = y_ptr.dtype.element_ty
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -227,7 +247,10 @@ def _quant_linear_fwd_kernel(
     if ACT_PER_ROW:
         row_zero, row_step, row_safe = _load_row_params(act_ptr, rows, rows < M, _ROW_OFFSET)
         zero, step, safe = row_zero[None, :], row_step[None, :], row_safe[None, :]  # [1, BM]
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if INT8:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     code_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
@@ -241,13 +264,17 @@ def _quant_linear_fwd_kernel(
             code_sum += tl.sum(c.to(tl.float32), axis=1)
         else:
             c = to_dtype(_weight_codes(w, delta, W_MODE), dot_dtype)
-        if ACT == 0 or X_CODES:
-            b = to_dtype(xt, dot_dtype)
+        if INT8:
+            acc = int_dot(c, xt, acc)
         else:
-            b = _act_codes(xt, lo, hi, zero, safe, QMIN, QMAX, ACT).to(dot_dtype)
-        acc = dot(c, b, acc, PRECISION)
+            if ACT == 0 or X_CODES:
+                b = to_dtype(xt, dot_dtype)
+            else:
+                b = _act_codes(xt, lo, hi, zero, safe, QMIN, QMAX, ACT).to(dot_dtype)
+            acc = dot(c, b, acc, PRECISION)
         w_ptrs += BLOCK_K * stride_wk
         xt_ptrs += BLOCK_K * stride_xk
+    acc = acc.to(tl.float32)
     if ACT != 0:
         acc = acc * step
         if ACT == 2 or ACT == 4:
@@ -435,6 +462,7 @@ class _Spec(NamedTuple):
     qmax: int
     codes: bool
     weight_codes: bool
+    int8: bool  # forward on int8 codes (both code paths, codes within int8, integer tensor cores)
     dtype: torch.dtype
     precision: str
 
@@ -443,8 +471,9 @@ def _configs(kernel: str, spec: _Spec, x: torch.Tensor, weight: torch.Tensor, pa
     """The launch configs of one GEMM for this call's device and operands (see ``configs.linear``); ``x`` is the
     operand the GEMM loads (x or the codes buffer)."""
     fused = spec.act != _NONE and not spec.codes
+    dot_bytes = 1 if kernel == "fwd" and spec.int8 else spec.dtype.itemsize
     operands = configs.LinearOperands(
-        x_bytes=x.element_size(), weight_bytes=weight.element_size(), dot_bytes=spec.dtype.itemsize,
+        x_bytes=x.element_size(), weight_bytes=weight.element_size(), dot_bytes=dot_bytes,
         act_fused=kernel != "bwd_x" and fused, partials=partials,
         weight_fused=kernel != "bwd_w" and spec.weight_mode != 0 and not spec.weight_codes,
     )
@@ -477,11 +506,11 @@ def _weight_scales(weight, weight_method, granularity, weight_scale, weight_thre
     return alpha, None if delta is None else _flat_scale("weight_threshold", delta, rows)
 
 
-def _act_code_buffer(x, params, spec: _Spec, dequant: bool = False) -> torch.Tensor:
-    """The transient integer codes q of x in the dot dtype ("codes" activation path); ``dequant`` (per-token
-    scales): x_hat = q * step + zero per token instead."""
+def _act_code_buffer(x, params, spec: _Spec, dequant: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The transient integer codes q of x in ``dtype`` (default: the dot dtype; "codes" activation path);
+    ``dequant`` (per-token scales): x_hat = q * step + zero per token instead."""
     m, k = x.shape
-    codes = new_output((m, k), spec.dtype, x.device)
+    codes = new_output((m, k), dtype or spec.dtype, x.device)
     options = configs.act_codes(configs.target_of(x.device))
     block_m, block_k = options[0].kwargs["BLOCK_M"], options[0].kwargs["BLOCK_K"]
     launch(
@@ -492,10 +521,12 @@ def _act_code_buffer(x, params, spec: _Spec, dequant: bool = False) -> torch.Ten
     return codes
 
 
-def _weight_code_buffer(weight, alpha, delta, spec: _Spec, scale_rows: bool) -> torch.Tensor:
-    """The transient weight codes c (times alpha[n] if ``scale_rows``) in the dot dtype ("codes" weight path)."""
+def _weight_code_buffer(weight, alpha, delta, spec: _Spec, scale_rows: bool,
+                        dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The transient weight codes c (times alpha[n] if ``scale_rows``) in ``dtype`` (default: the dot dtype;
+    "codes" weight path)."""
     n, k = weight.shape
-    codes = new_output((n, k), spec.dtype, weight.device)
+    codes = new_output((n, k), dtype or spec.dtype, weight.device)
     options = configs.weight_codes(configs.target_of(weight.device))
     block_n, block_k = options[0].kwargs["BLOCK_N"], options[0].kwargs["BLOCK_K"]
     launch(
@@ -529,9 +560,10 @@ def _forward(x, weight, bias, alpha, delta, params, spec: _Spec) -> torch.Tensor
     m, k = x.shape
     n = weight.shape[0]
     x_codes = spec.codes and spec.act != _NONE
-    operand = _act_code_buffer(x, params, spec) if x_codes else x
+    code_dtype = torch.int8 if spec.int8 else None
+    operand = _act_code_buffer(x, params, spec, dtype=code_dtype) if x_codes else x
     w_codes = _streams_weight_codes(spec)
-    w_operand = _weight_code_buffer(weight, alpha, delta, spec, False) if w_codes else weight
+    w_operand = _weight_code_buffer(weight, alpha, delta, spec, False, dtype=code_dtype) if w_codes else weight
     code_sum = None
     if w_codes and spec.act in (_ASYM, _ASYM_LSQ):
         code_sum = w_operand.sum(dim=1, dtype=torch.float32)  # integers below 2**24: exact in any order
@@ -548,7 +580,7 @@ def _forward(x, weight, bias, alpha, delta, params, spec: _Spec) -> torch.Tensor
         **_weight_constexprs(spec, w_codes),
         ACT=spec.act, ACT_PER_ROW=spec.act_per_row, X_CODES=x_codes, QMIN=spec.qmin, QMAX=spec.qmax,
         HAS_BIAS=bias is not None,
-        PRECISION=spec.precision,
+        PRECISION=spec.precision, INT8=spec.int8,
     )
     options = _configs("fwd", spec, operand, w_operand)
     launch(_quant_linear_fwd_kernel, grid, options, args, constexprs, _AUTOTUNE_KEY)
@@ -617,7 +649,7 @@ class _FusedQuantLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, weight_scale, weight_threshold, act_clip, act_step, options, dtype, precision,
-                act_path, weight_path):
+                act_path, weight_path, forward_dot):
         weight_method, act_method = options.weight_method, options.act_method
         n, k = weight.shape
         x2 = x.reshape(-1, k)
@@ -648,7 +680,10 @@ class _FusedQuantLinear(torch.autograd.Function):
             delta_per_row=delta is not None and delta.numel() > 1,
             clipped=weight_method is not None and options.ste == "clipped",
             act=act, act_per_row=act_per_row, qmin=qmin, qmax=qmax, codes=act_path == "codes",
-            weight_codes=weight_path == "codes", dtype=dtype,
+            weight_codes=weight_path == "codes",
+            int8=(forward_dot == "int8" and act_path == "codes" and weight_path == "codes" and act != _NONE
+                  and weight_method is not None and -128 <= qmin and qmax <= 127),
+            dtype=dtype,
             precision=precision,
         )
         if x2.shape[0] == 0:
@@ -700,7 +735,7 @@ class _FusedQuantLinear(torch.autograd.Function):
                 grad_step = (partial_sum[0] * scale).to(dtype).reshape(shape)
             else:
                 grad_clip = partial_sum.to(dtype).reshape(shape)
-        return grad_x, grad_w, grad_bias, None, None, grad_clip, grad_step, None, None, None, None, None
+        return grad_x, grad_w, grad_bias, None, None, grad_clip, grad_step, None, None, None, None, None, None
 
 
 @torch.compiler.assume_constant_result
@@ -746,5 +781,5 @@ def fused_quant_linear(
     precision = _fp32_dot_precision() if dtype == torch.float32 else "tf32"
     return _FusedQuantLinear.apply(
         x, weight, bias, weight_scale, weight_threshold, act_clip, act_step, options, dtype, precision, _ACT_PATH,
-        _WEIGHT_PATH,
+        _WEIGHT_PATH, _FORWARD_DOT,
     )

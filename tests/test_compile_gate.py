@@ -80,16 +80,19 @@ def test_slots_tile_every_grad_x_config():
                 assert option.kwargs["BLOCK_M"] % slot_m == 0 and option.kwargs["BLOCK_K"] % slot_k == 0
 
 
-def test_act_and_weight_path_context_and_setter():
-    for name, setter, context in [("_ACT_PATH", linear.set_act_path, linear.act_path),
-                                  ("_WEIGHT_PATH", linear.set_weight_path, linear.weight_path)]:
-        assert getattr(linear, name) == "codes"
-        with context("fused"):
-            assert getattr(linear, name) == "fused"
-        assert getattr(linear, name) == "codes"
+def test_path_and_forward_dot_context_and_setter():
+    for name, setter, context, default, other in [
+        ("_ACT_PATH", linear.set_act_path, linear.act_path, "codes", "fused"),
+        ("_WEIGHT_PATH", linear.set_weight_path, linear.weight_path, "codes", "fused"),
+        ("_FORWARD_DOT", linear.set_forward_dot, linear.forward_dot, "int8", "float"),
+    ]:
+        assert getattr(linear, name) == default
+        with context(other):
+            assert getattr(linear, name) == other
+        assert getattr(linear, name) == default
         with pytest.raises(ValueError, match="bogus"):
             setter("bogus")
-        assert setter("codes") == "codes"
+        assert setter(default) == default
 
 
 def test_recording_target_is_scoped():

@@ -323,6 +323,25 @@ def test_codes_and_grads_exact(device, monkeypatch, act_id, method, dtype_id, ac
             assert torch.equal(actual, wanted), f"{name}: max diff {(actual.double() - wanted.double()).abs().max()}"
 
 
+@pytest.mark.parametrize("dtype_id", DTYPES)
+@pytest.mark.parametrize("act_id", ["a8-sym", "a4-lsq-unsigned", "a4-asym-lsq"])
+def test_int8_and_float_forward_dots_agree(device, monkeypatch, act_id, dtype_id):
+    """On the codes paths the forward multiplies int8 codes on integer tensor cores by default; the float dot of the
+    same codes gives the same output and gradients bit for bit (both sums are exact)."""
+    act, dtype = ACTS[act_id], DTYPES[dtype_id]
+    x, weight, bias, clip, step = make_inputs(SHAPES["m127-k96-n33"], act, dtype, device, seed=8)
+    options = options_for("twn", "row", "clipped", act)
+    grad_y = torch.randn(x.shape[0], weight.shape[0], generator=torch.Generator().manual_seed(9)).to(device, dtype)
+    results = {}
+    for kind in kernels_linear.FORWARD_DOTS:
+        monkeypatch.setattr(kernels_linear, "_FORWARD_DOT", kind)
+        results[kind] = run_op(fused_quant_linear, x, weight, bias, clip, step, grad_y, **options)
+    for int8, floating in zip(results["int8"], results["float"], strict=True):
+        assert (int8 is None) == (floating is None)
+        if int8 is not None:
+            assert torch.equal(int8, floating)
+
+
 def test_given_scale_and_threshold(device):
     """LAT passes (alpha, delta); given scales work for every method, per tensor and per row."""
     act = ACTS["a8-sym"]
