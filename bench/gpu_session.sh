@@ -81,7 +81,7 @@ for step in $STEPS; do
         ;;
     matmul)
         # Default configs (autotuning off): the tests above compiled them, and tuning every shape would not fit.
-        args=(bench/matmul.py --quick --providers cublas,reference,triton_bq,triton_bq_float,triton_bq_fused --acts none,a8
+        args=(bench/matmul.py --quick --providers cublas,reference,triton_bq,triton_bq_int8,triton_bq_fused --acts none,a8
             --warmup 10 --rep 40)
         command="TRITON_BQ_AUTOTUNE=0 $PYTHON ${args[*]}"
         TRITON_BQ_AUTOTUNE=0 timeout -k 10 "$(limit matmul)" "$PYTHON" "${args[@]}" --out "$OUT" \

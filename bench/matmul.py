@@ -2,8 +2,8 @@
 
 Providers: ``cublas`` (``F.linear``, bf16 autocast), ``reference`` (``triton_bq.reference.quant_linear``, eager),
 ``compiled`` (``torch.compile`` of the reference), ``triton_bq`` (the fused kernels on their default ``codes``
-paths: weight and activation codes written once per GEMM, then streamed; the forward on int8 tensor cores where
-the codes fit int8), ``triton_bq_float`` (the same with the forward's codes in the compute dtype,
+paths: weight and activation codes written once per GEMM, then streamed, the forward's codes in the compute dtype),
+``triton_bq_int8`` (the same with the forward on int8 tensor cores where the codes fit int8,
 ``triton_bq.kernels.linear.forward_dot``) and ``triton_bq_fused`` (the same kernels quantizing both operands inside
 the main loops: ``act_path`` / ``weight_path``).
 Modes: ``fwd``, ``bwd``, ``full`` (fwd+bwd). Every provider runs under ``torch.autocast("cuda", bfloat16)`` with bf16
@@ -48,7 +48,7 @@ SHAPES = {
     ("llm", "4096x14336"): (4096, 14336),
 }
 QUICK_SHAPES = ["bert-base", "llm/4096x4096", "llm/14336x4096"]
-PROVIDERS = ["cublas", "reference", "compiled", "triton_bq", "triton_bq_float", "triton_bq_fused"]
+PROVIDERS = ["cublas", "reference", "compiled", "triton_bq", "triton_bq_int8", "triton_bq_fused"]
 MODES = ["fwd", "bwd", "full"]
 GEMMS_PER_MODE = {"fwd": 1, "bwd": 2, "full": 3}
 # Activation quantizers: A8 symmetric with a learnable clip (BinaryBERT / TernaryBERT), A4 LSQ.
@@ -146,7 +146,7 @@ class Case:
             op = compiled_reference
         else:
             path = "fused" if provider == "triton_bq_fused" else "codes"
-            dot = "float" if provider == "triton_bq_float" else "int8"
+            dot = "int8" if provider == "triton_bq_int8" else "float"
 
             def op(*args, **kwargs):
                 linear = self.kernels_linear
@@ -278,7 +278,7 @@ def print_table(rows):
             else:
                 ms[provider] = row["ms"]
                 cells.append(f"{row['ms']:15.3f}")
-        ours = min((ms[p] for p in ("triton_bq", "triton_bq_float", "triton_bq_fused") if p in ms), default=None)
+        ours = min((ms[p] for p in ("triton_bq", "triton_bq_int8", "triton_bq_fused") if p in ms), default=None)
         ratio = f"{ours / ms['cublas']:11.2f}" if ours and "cublas" in ms else f"{'-':>11s}"
         speedup = f"{ms['reference'] / ours:9.2f}" if ours and "reference" in ms else f"{'-':>9s}"
         print(f"{key[0] + '/' + key[1]:22s} {key[2]:4s} {key[3]:4s} {key[4]:4s} " + " ".join(cells)

@@ -135,8 +135,8 @@ def _grid(full: bool):
             method, granularity = _WEIGHTS[(index + 2 * turn) % len(_WEIGHTS)]
             ste = ("identity", "clipped")[(index + turn) % 2]
             wpath = ("codes", "fused")[turn]
-            # The forward's int8 dot (the default where the codes fit int8) and its float twin in pure bf16.
-            fdot = "float" if compute == "bf16" else "int8"
+            # The forward's float dot (the default) and, in pure bf16, its int8 twin (where the codes fit int8).
+            fdot = "int8" if compute == "bf16" else "float"
             yield dict(compute=compute, weight_method=method, granularity=granularity, act=act, path=path,
                        wpath=wpath, fdot=fdot, ste=ste)
 

@@ -48,10 +48,11 @@ _ACT_PATH = "codes"
 _WEIGHT_PATH = "codes"
 
 
-# The forward's dot on the codes paths when both codes fit int8 (A8 sym, A4 LSQ / asym LSQ, ...): "int8" (integer
-# tensor cores, int32 accumulator; default) or "float" (the codes in the compute dtype). Both are exact.
+# The forward's dot on the codes paths when both codes fit int8 (A8 sym, A4 LSQ / asym LSQ, ...): "float" (the codes
+# in the compute dtype; default) or "int8" (integer tensor cores, int32 accumulator). Both are exact for finite x;
+# a NaN in x has no int8 code, so "int8" does not propagate it to y as the reference does.
 FORWARD_DOTS = ("int8", "float")
-_FORWARD_DOT = "int8"
+_FORWARD_DOT = "float"
 _CHOICES = {"act": ACT_PATHS, "weight": WEIGHT_PATHS, "forward_dot": FORWARD_DOTS}
 
 
@@ -95,13 +96,14 @@ def weight_path(path: str):
 
 
 def set_forward_dot(kind: str) -> str:
-    """Make ``kind`` (``"int8"`` or ``"float"``) the forward dot of later calls on the codes paths; returns the
-    previous one."""
+    """Make ``kind`` (``"float"``, the default, or ``"int8"``: integer tensor cores where both codes fit int8) the
+    forward dot of later calls on the codes paths; returns the previous one. ``"int8"`` does not propagate a NaN
+    in x to y."""
     return _set_path("forward_dot", kind)
 
 
 def forward_dot(kind: str):
-    """``with forward_dot("float"): ...`` runs the block with that forward dot and restores the previous one."""
+    """``with forward_dot("int8"): ...`` runs the block with that forward dot and restores the previous one."""
     return _using_path("forward_dot", kind)
 
 

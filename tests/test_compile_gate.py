@@ -84,7 +84,7 @@ def test_path_and_forward_dot_context_and_setter():
     for name, setter, context, default, other in [
         ("_ACT_PATH", linear.set_act_path, linear.act_path, "codes", "fused"),
         ("_WEIGHT_PATH", linear.set_weight_path, linear.weight_path, "codes", "fused"),
-        ("_FORWARD_DOT", linear.set_forward_dot, linear.forward_dot, "int8", "float"),
+        ("_FORWARD_DOT", linear.set_forward_dot, linear.forward_dot, "float", "int8"),
     ]:
         assert getattr(linear, name) == default
         with context(other):

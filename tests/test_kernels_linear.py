@@ -326,8 +326,8 @@ def test_codes_and_grads_exact(device, monkeypatch, act_id, method, dtype_id, ac
 @pytest.mark.parametrize("dtype_id", DTYPES)
 @pytest.mark.parametrize("act_id", ["a8-sym", "a4-lsq-unsigned", "a4-asym-lsq"])
 def test_int8_and_float_forward_dots_agree(device, monkeypatch, act_id, dtype_id):
-    """On the codes paths the forward multiplies int8 codes on integer tensor cores by default; the float dot of the
-    same codes gives the same output and gradients bit for bit (both sums are exact)."""
+    """On the codes paths the forward can multiply int8 codes on integer tensor cores (``forward_dot("int8")``); the
+    default float dot of the same codes gives the same output and gradients bit for bit (both sums are exact)."""
     act, dtype = ACTS[act_id], DTYPES[dtype_id]
     x, weight, bias, clip, step = make_inputs(SHAPES["m127-k96-n33"], act, dtype, device, seed=8)
     options = options_for("twn", "row", "clipped", act)
