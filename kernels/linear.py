@@ -508,36 +508,40 @@ def _weight_scales(weight, weight_method, granularity, weight_scale, weight_thre
     return alpha, None if delta is None else _flat_scale("weight_threshold", delta, rows)
 
 
+def _codes_pass(kernel, source, pointers: tuple, options: tuple, row_block: str, dtype: torch.dtype,
+                constexprs: dict) -> torch.Tensor:
+    """Run an elementwise codes kernel ``(source, *pointers, codes, rows, cols, strides)`` over ``source``'s
+    [rows, cols] tiles (``row_block`` x BLOCK_K per program) into a new transient ``dtype`` buffer."""
+    rows, cols = source.shape
+    codes = new_output((rows, cols), dtype, source.device)
+    block_rows, block_k = options[0].kwargs[row_block], options[0].kwargs["BLOCK_K"]
+    launch(
+        kernel, (triton.cdiv(rows, block_rows), triton.cdiv(cols, block_k)), options,
+        (source, *pointers, codes, rows, cols, source.stride(0), source.stride(1), codes.stride(0), codes.stride(1)),
+        constexprs,
+    )
+    return codes
+
+
 def _act_code_buffer(x, params, spec: _Spec, dequant: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The transient integer codes q of x in ``dtype`` (default: the dot dtype; "codes" activation path);
     ``dequant`` (per-token scales): x_hat = q * step + zero per token instead."""
-    m, k = x.shape
-    codes = new_output((m, k), dtype or spec.dtype, x.device)
-    options = configs.act_codes(configs.target_of(x.device))
-    block_m, block_k = options[0].kwargs["BLOCK_M"], options[0].kwargs["BLOCK_K"]
-    launch(
-        _act_codes_kernel, (triton.cdiv(m, block_m), triton.cdiv(k, block_k)), options,
-        (x, params, codes, m, k, x.stride(0), x.stride(1), codes.stride(0), codes.stride(1)),
+    return _codes_pass(
+        _act_codes_kernel, x, (params,), configs.act_codes(configs.target_of(x.device)), "BLOCK_M",
+        dtype or spec.dtype,
         dict(ACT=spec.act, ACT_PER_ROW=spec.act_per_row, QMIN=spec.qmin, QMAX=spec.qmax, DEQUANT=dequant),
     )
-    return codes
 
 
 def _weight_code_buffer(weight, alpha, delta, spec: _Spec, scale_rows: bool,
                         dtype: torch.dtype | None = None) -> torch.Tensor:
     """The transient weight codes c (times alpha[n] if ``scale_rows``) in ``dtype`` (default: the dot dtype;
     "codes" weight path)."""
-    n, k = weight.shape
-    codes = new_output((n, k), dtype or spec.dtype, weight.device)
-    options = configs.weight_codes(configs.target_of(weight.device))
-    block_n, block_k = options[0].kwargs["BLOCK_N"], options[0].kwargs["BLOCK_K"]
-    launch(
-        _weight_codes_kernel, (triton.cdiv(n, block_n), triton.cdiv(k, block_k)), options,
-        (weight, weight if alpha is None else alpha, weight if delta is None else delta, codes, n, k,
-         weight.stride(0), weight.stride(1), codes.stride(0), codes.stride(1)),
+    return _codes_pass(
+        _weight_codes_kernel, weight, (weight if alpha is None else alpha, weight if delta is None else delta),
+        configs.weight_codes(configs.target_of(weight.device)), "BLOCK_N", dtype or spec.dtype,
         dict(W_MODE=spec.weight_mode, DELTA_PER_ROW=spec.delta_per_row, SCALE_ROWS=scale_rows),
     )
-    return codes
 
 
 def _streams_weight_codes(spec: _Spec) -> bool:
