@@ -172,8 +172,9 @@ def linear_shared_bound(kernel: str, option: triton.Config, operands: LinearOper
 def _spill_prone(kernel: str, option: triton.Config, operands: LinearOperands, target: Target) -> bool:
     """Configs whose per-thread live tiles exceed the registers with this operand mix (thresholds from the compile
     gate): grad_x with partial sums holds the accumulator, the x tile and the masks of a [BK, BM] tile at once; the
-    fused forward on sm_8x (no register-operand wgmma) keeps the float32 x tile, its codes and the weight codes
-    live besides the accumulator; the fused grad_w on sm_120 (mma.sync, the
+    fused tensor-core forward on sm_8x (no register-operand wgmma) keeps the float32 x tile, its codes and the
+    weight codes live besides the accumulator (the IEEE fp32 forward with both operands fused is clean with 4 warps
+    there, and 8 warps spilled on sm_89); the fused grad_w on sm_120 (mma.sync, the
     accumulator in registers, and a ptxas that caps the registers of big 8-warp tiles) keeps the q^T tile, grad_y
     and the accumulator live at once."""
     meta = option.kwargs
@@ -184,7 +185,7 @@ def _spill_prone(kernel: str, option: triton.Config, operands: LinearOperands, t
         # IEEE float32 (FMA) forward quantizing x in the loop beside streamed weight codes: 4 warps spilled
         # 0.5-4.4 KB on sm_80 / 89 / 90 (compile gate), with 2 or 3 stages.
         return option.num_warps < 8
-    if kernel == "fwd" and operands.act_fused and target.capability < 90:
+    if kernel == "fwd" and operands.act_fused and operands.dot_bytes == 2 and target.capability < 90:
         return meta["BLOCK_K"] * (meta["BLOCK_M"] + meta["BLOCK_N"]) // threads > 24
     if kernel == "bwd_w" and operands.act_fused and target.capability >= 120:
         block_m, block_n, block_k = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
