@@ -78,22 +78,85 @@ def _quantize_int8_kernel(
         tl.store(q_ptr + row * stride_qm + k0 + offs, q.to(tl.int8), mask=mask)
 
 
+def _i32(value: int) -> int:
+    """A 32-bit pattern as the signed int32 Triton takes for a constant."""
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+# Bit patterns of the codes: -1 in every 16-bit half (bf16, fp16) or the float32 word, and the sign bits.
+_BF16_NEG_ONE2: tl.constexpr = tl.constexpr(_i32(0xBF80BF80))
+_FP16_NEG_ONE2: tl.constexpr = tl.constexpr(_i32(0xBC00BC00))
+_BF16_ONE2: tl.constexpr = tl.constexpr(0x3F80)
+_FP16_ONE2: tl.constexpr = tl.constexpr(0x3C00)
+_FP32_NEG_ONE: tl.constexpr = tl.constexpr(_i32(0xBF800000))
+_FP32_ONE: tl.constexpr = tl.constexpr(0x3F800000)
+_SIGN: tl.constexpr = tl.constexpr(_i32(0x80000000))
+_SIGN2: tl.constexpr = tl.constexpr(_i32(0x80008000))
+
+
+@triton.jit
+def _halves(pairs, DTYPE: tl.constexpr):
+    """int32 [..., L] of two 16-bit codes each -> DTYPE [..., 2, L]: the low halves, then the high halves."""
+    low = pairs.to(tl.int16).to(DTYPE, bitcast=True)
+    high = (pairs >> 16).to(tl.int16).to(DTYPE, bitcast=True)
+    both = tl.join(low, high)  # [..., L, 2]
+    return tl.permute(both, (0, 1, 3, 2))
+
+
+@triton.jit
+def _bytes(quads):
+    """int32 [..., L] of four int8 codes each -> int8 [..., 4, L], byte 0 first."""
+    b0 = quads.to(tl.int8)
+    b1 = (quads >> 8).to(tl.int8)
+    b2 = (quads >> 16).to(tl.int8)
+    b3 = (quads >> 24).to(tl.int8)
+    both = tl.join(tl.join(b0, b1), tl.join(b2, b3))  # [..., L, 2, 2]: byte 2 q + p at [..., p, q]
+    return tl.reshape(tl.permute(both, (0, 1, 4, 3, 2)), [both.shape[0], both.shape[1], 4, both.shape[2]])
+
+
 @triton.jit
 def _unpack_tile(words, BITS: tl.constexpr, DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Words [BN, BK / (32 / BITS)] -> codes [BN, BK] in DTYPE (selects of constants, no int-to-float converts)."""
+    """Words [BN, BK / (32 / BITS)] -> codes [BN, BK] in DTYPE, built as bit patterns on whole 32-bit words.
+
+    A 16-bit dtype takes two codes per word operation: fields f and f + PER_WORD / 2 land in the sign bits of the
+    two halves (binary: -1 with the sign flipped by the bit; ternary: the magnitude of 1 where exactly one of the
+    field's bits is set, the sign from its high bit). int8 takes four per word (fields f + PER_WORD / 4 * i in byte
+    i), float32 one. Field 3 (never written) decodes to 0, as ``bitpack.unpack_codes``.
+    """
     PER_WORD: tl.constexpr = 32 // BITS
-    shifts = tl.arange(0, PER_WORD) * BITS
-    fields = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # [BN, BKW, PER_WORD]
+    w = words[:, :, None]
     if DTYPE == tl.int8:
+        LANES: tl.constexpr = PER_WORD // 4
+        t = w >> (tl.arange(0, LANES) * BITS)[None, None, :]  # field f + LANES * i at bits 8 i (+1) of byte i
         if BITS == 1:
-            codes = tl.where(fields != 0, 1, -1).to(tl.int8)
+            # bit 1 -> 0x01, bit 0 -> 0xFF: 0x01 + 0xFE * (1 - bit), no carry between bytes
+            quads = (~t & 0x01010101) * 0xFE + 0x01010101
         else:
-            codes = tl.where(fields == 1, 1, tl.where(fields == 2, -1, 0)).to(tl.int8)
+            plus = t & ~(t >> 1) & 0x01010101
+            minus = (t >> 1) & ~t & 0x01010101
+            quads = plus | (minus * 0xFF)
+        codes = _bytes(quads)  # [BN, BKW, 4, LANES]
+    elif DTYPE == tl.float32:
+        lanes = tl.arange(0, PER_WORD)[None, None, :]
+        if BITS == 1:
+            bits = ((w << (31 - lanes)) & _SIGN) ^ _FP32_NEG_ONE
+        else:
+            t = w >> (2 * lanes)
+            bits = (((t ^ (t >> 1)) & 1) * _FP32_ONE) | ((t << 30) & _SIGN)
+        codes = bits.to(tl.float32, bitcast=True)  # [BN, BKW, PER_WORD]
     else:
+        LANES: tl.constexpr = PER_WORD // 2
+        lanes = tl.arange(0, LANES)[None, None, :]
         if BITS == 1:
-            codes = tl.where(fields != 0, 1.0, -1.0).to(DTYPE)
+            if DTYPE == tl.bfloat16:
+                pairs = ((w << (15 - lanes)) & _SIGN2) ^ _BF16_NEG_ONE2
+            else:
+                pairs = ((w << (15 - lanes)) & _SIGN2) ^ _FP16_NEG_ONE2
         else:
-            codes = tl.where(fields == 1, 1.0, tl.where(fields == 2, -1.0, 0.0)).to(DTYPE)
+            t = w >> (2 * lanes)  # field f + LANES * h at bits 16 h (+1)
+            one = _BF16_ONE2 if DTYPE == tl.bfloat16 else _FP16_ONE2
+            pairs = (((t ^ (t >> 1)) & 0x10001) * one) | ((t << 14) & _SIGN2)
+        codes = _halves(pairs, DTYPE)  # [BN, BKW, 2, LANES]
     return tl.reshape(codes, [BLOCK_N, BLOCK_K])
 
 
@@ -222,11 +285,16 @@ def _packed_gemm_kernel(
     M, N, K, KW, K_PER_SPLIT,
     stride_xm, stride_xk, stride_wp, stride_wn, stride_sp, stride_sn, stride_xs,
     stride_os, stride_op, stride_om, stride_on,
-    BITS: tl.constexpr, PARTS: tl.constexpr, INT8_X: tl.constexpr, DOT_FP32: tl.constexpr,
+    BITS: tl.constexpr, PARTS: tl.constexpr, INT8_X: tl.constexpr, DOT_FP32: tl.constexpr, CODES_LEFT: tl.constexpr,
     HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """acc_p = x[BM, BK] @ c_p[BN, BK]^T on tensor cores, c_p unpacked from [BN, BK / (32 / BITS)] words."""
+    """acc_p = x[BM, BK] @ c_p[BN, BK]^T on tensor cores, c_p unpacked from [BN, BK / (32 / BITS)] words.
+
+    CODES_LEFT computes the transposed tile, acc_p^T = c_p @ x^T: the codes are then the left operand and reach the
+    MMA from registers (sm_90 register-operand wgmma, which stays asynchronous) instead of through a shared-memory
+    tile written and read back every step. mma.sync targets keep x on the left (``configs.packed_codes_left``).
+    """
     PER_WORD: tl.constexpr = 32 // BITS
     BLOCK_KW: tl.constexpr = BLOCK_K // PER_WORD
     pid_k = tl.program_id(1)
@@ -237,43 +305,62 @@ def _packed_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_j = tl.arange(0, BLOCK_KW)
     if INT8_X:
-        acc0 = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+        acc_dtype: tl.constexpr = tl.int32
         dot_dtype: tl.constexpr = tl.int8
     elif DOT_FP32:
-        acc0 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_dtype: tl.constexpr = tl.float32
         dot_dtype: tl.constexpr = tl.float32
     else:
-        acc0 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_dtype: tl.constexpr = tl.float32
         dot_dtype: tl.constexpr = x_ptr.dtype.element_ty
+    if CODES_LEFT:
+        acc0 = tl.zeros([BLOCK_N, BLOCK_M], acc_dtype)
+    else:
+        acc0 = tl.zeros([BLOCK_M, BLOCK_N], acc_dtype)
     acc1 = acc0
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
-    x_rows = x_ptr + offs_m[:, None] * stride_xm
     w_rows = w_ptr + offs_n[:, None] * stride_wn
-    m_mask = offs_m[:, None] < M
     n_mask = offs_n[:, None] < N
     for k0 in range(k_begin, k_end, BLOCK_K):
-        k = k0 + offs_k[None, :]  # [1, BK]
         j = k0 // PER_WORD + offs_j[None, :]  # [1, BKW]
         # Splits cover whole steps, so only the K padding needs masking: on x, which zeroes its terms.
-        a = tl.load(x_rows + k * stride_xk, mask=m_mask & (k < K), other=0).to(dot_dtype)  # [BM, BK]
+        if CODES_LEFT:
+            k = k0 + offs_k[:, None]  # [BK, 1]
+            a = tl.load(x_ptr + offs_m[None, :] * stride_xm + k * stride_xk, mask=(offs_m[None, :] < M) & (k < K),
+                        other=0).to(dot_dtype)  # x^T [BK, BM]
+        else:
+            k = k0 + offs_k[None, :]  # [1, BK]
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k * stride_xk, mask=(offs_m[:, None] < M) & (k < K),
+                        other=0).to(dot_dtype)  # x [BM, BK]
         words0 = tl.load(w_rows + j, mask=n_mask & (j < KW), other=0)  # [BN, BKW]
         codes0 = _unpack_tile(words0, BITS, dot_dtype, BLOCK_N, BLOCK_K)  # [BN, BK]
-        if DOT_FP32:
-            acc0 = tl.dot(a, tl.trans(codes0), acc0, input_precision="ieee")
-        else:
-            acc0 = tl.dot(a, tl.trans(codes0), acc0)
+        acc0 = _codes_dot(codes0, a, acc0, CODES_LEFT, DOT_FP32)
         if PARTS == 2:
             words1 = tl.load(w_rows + stride_wp + j, mask=n_mask & (j < KW), other=0)
             codes1 = _unpack_tile(words1, BITS, dot_dtype, BLOCK_N, BLOCK_K)
-            if DOT_FP32:
-                acc1 = tl.dot(a, tl.trans(codes1), acc1, input_precision="ieee")
-            else:
-                acc1 = tl.dot(a, tl.trans(codes1), acc1)
+            acc1 = _codes_dot(codes1, a, acc1, CODES_LEFT, DOT_FP32)
+    if CODES_LEFT:
+        acc0 = tl.trans(acc0)
+        acc1 = tl.trans(acc1)
     _store_result(
         acc0, acc1, offs_m, offs_n, pid_k, M, N, out_ptr, stride_os, stride_op, stride_om, stride_on,
         scale_ptr, stride_sp, stride_sn, x_scale_ptr, stride_xs, bias_ptr, PARTS, HAS_X_SCALE, HAS_BIAS, SPLIT,
     )
+
+
+@triton.jit
+def _codes_dot(codes, a, acc, CODES_LEFT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """acc + codes @ a (a = x^T) when CODES_LEFT, else acc + a @ codes^T (a = x); IEEE float32 for DOT_FP32."""
+    if CODES_LEFT:
+        left = codes
+        right = a
+    else:
+        left = a
+        right = tl.trans(codes)
+    if DOT_FP32:
+        return tl.dot(left, right, acc, input_precision="ieee")
+    return tl.dot(left, right, acc)
 
 
 @triton.jit
@@ -517,7 +604,9 @@ def packed_matmul(
     else:
         dot_fp32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and INTERPRET)
         option = configs.from_plan(config, ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
-        launch(_packed_gemm_kernel, grid, (option,), common, dict(flags, INT8_X=int8_x, DOT_FP32=dot_fp32))
+        codes_left = configs.packed_codes_left(configs.target_of(x.device))
+        launch(_packed_gemm_kernel, grid, (option,), common,
+               dict(flags, INT8_X=int8_x, DOT_FP32=dot_fp32, CODES_LEFT=codes_left))
     if split_k > 1:
         block_m, block_n = min(triton.next_power_of_2(M), 16), 128
         launch(

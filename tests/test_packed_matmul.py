@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from triton_bq.kernels import packed_matmul as pm
 
 from triton_bq import bitpack as packing
@@ -316,3 +318,45 @@ def test_launcher_rejects_bad_arguments():
         packed_linear(x, packed, x_scale=torch.ones(()), act_quant="per_token")
     with pytest.raises(TypeError, match="PackedWeight"):
         packed_linear(x, packed.data)
+
+
+@triton.jit
+def _unpack_tile_kernel(words_ptr, out_ptr, BITS: tl.constexpr, DTYPE: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    BLOCK_KW: tl.constexpr = BLOCK_K // (32 // BITS)
+    rows = tl.arange(0, BLOCK_N)[:, None]
+    words = tl.load(words_ptr + rows * BLOCK_KW + tl.arange(0, BLOCK_KW)[None, :])
+    codes = pm._unpack_tile(words, BITS, DTYPE, BLOCK_N, BLOCK_K)
+    tl.store(out_ptr + rows * BLOCK_K + tl.arange(0, BLOCK_K)[None, :], codes.to(tl.float32))
+
+
+@pytest.mark.parametrize("bits", [1, 2], ids=["W1", "W2"])
+@pytest.mark.parametrize("dtype", [tl.bfloat16, tl.float16, tl.float32, tl.int8], ids=str)
+def test_tile_unpack_bit_patterns_decode_like_unpack(dtype, bits):
+    # The GEMM's codes tile in every dot dtype, whichever dtype the interpreter's GEMM itself uses: random words
+    # (every ternary field value, 3 decodes as 0), each code exact.
+    if not pm.INTERPRET:
+        pytest.skip("the unpack tile is checked in the interpreter")
+    generator = torch.Generator().manual_seed(16)
+    block_n, block_k = 8, 64
+    words = torch.randint(-(2**31), 2**31 - 1, (block_n, block_k // (32 // bits)), generator=generator,
+                          dtype=torch.int32)
+    out = torch.full((block_n, block_k), float("nan"))
+    _unpack_tile_kernel[(1,)](words, out, bits, dtype, block_n, block_k)
+    assert torch.equal(out, packing.unpack_codes(words, bits, block_k, torch.float32))
+
+
+@pytest.mark.parametrize("codes_left", [True, False], ids=["codes-left", "x-left"])
+@pytest.mark.parametrize("parts, bits", [(1, 1), (1, 2), (2, 1)], ids=["W1", "W2", "W1x2"])
+def test_gemm_tile_orientations_match(codes_left, parts, bits, monkeypatch, device):
+    # The GEMM computes x @ c^T (mma.sync targets) or (c @ x^T)^T (wgmma / tcgen05 targets, the interpreter):
+    # both orientations, float and exact int8.
+    monkeypatch.setattr(pm.configs, "packed_codes_left", lambda target: codes_left)
+    packed = make_packed(33, 100, bits, parts=parts, device=device)
+    x, bias = random_inputs(33, 33, 100, 17, device)
+    assert_matches(run(x, packed, bias, kernel="gemm"), expected_output(x, packed, bias))
+    unit = packing.PackedWeight(packed.data, torch.ones_like(packed.scale), bits, 100)
+    q = torch.randint(-128, 128, (33, 100), generator=torch.Generator().manual_seed(17), dtype=torch.int8).to(device)
+    out = run(q, unit, x_scale=torch.ones((), device=device), kernel="gemm")
+    exact = sum(q.double() @ unit.codes(torch.float64)[part].T for part in range(parts))
+    assert torch.equal(out, exact.float())
