@@ -258,14 +258,6 @@ def scales(kernel: str, target: Target | None) -> tuple:
 # Packed inference (kernels/packed_matmul.py). The gemv by BLOCK_M (next power of two of M; above 2 only when the
 # gemv is forced), the gemm by M bucket; ``packed_matmul.default_config`` adapts BLOCK_N / BLOCK_KW / SPLIT_K to
 # the shape and SM count. The interpreter uses a few large tiles (fast).
-def packed_codes_left(target: Target | None) -> bool:
-    """Whether the packed GEMM computes the transposed tile with the unpacked codes as the left MMA operand: on
-    sm_90 / sm_100 and in the interpreter. Register-operand wgmma keeps the codes out of shared memory and the MMA
-    asynchronous; on the mma.sync targets (sm_8x, sm_120) the transposed tile spilled with two parts (compile gate),
-    and the codes reach mma.sync from registers either way."""
-    return target is None or target.capability in (90, 100)
-
-
 PACKED_GEMV = {
     1: config(4, 3, BLOCK_N=128, BLOCK_KW=32),
     2: config(4, 3, BLOCK_N=64, BLOCK_KW=32),
@@ -282,6 +274,14 @@ PACKED_GEMM = {
 }
 PACKED_GEMV_INTERPRETER = config(4, 1, BLOCK_N=64, BLOCK_KW=8)
 PACKED_GEMM_INTERPRETER = config(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=2)
+
+
+def packed_codes_left(target: Target | None) -> bool:
+    """Whether the packed GEMM computes the transposed tile with the unpacked codes as the left MMA operand: on
+    sm_90 / sm_100 and in the interpreter. Register-operand wgmma keeps the codes out of shared memory and the MMA
+    asynchronous; on the mma.sync targets (sm_8x, sm_120) the transposed tile spilled with two parts (compile gate),
+    and the codes reach mma.sync from registers either way."""
+    return target is None or target.capability in (90, 100)
 
 
 def as_plan(option: triton.Config) -> dict:

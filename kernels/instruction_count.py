@@ -116,21 +116,31 @@ def main_loop(sass: str) -> LoopCount | None:
 @triton.jit
 def _baseline_packed_kernel(
     x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    CODES_LEFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Plain GEMM with the packed GEMM's operand layouts: out^T = w[BN, BK] @ x^T[BK, BM], K masked, w in x's
-    dtype (the packed GEMM's codes are the left operand too)."""
+    """Plain GEMM with the packed GEMM's operand layouts and orientation, K masked, w in x's dtype: out^T =
+    w[BN, BK] @ x^T[BK, BM] when CODES_LEFT (the packed GEMM's codes on the left), else out = x @ w^T."""
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)) % M
     offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     offs_k = tl.arange(0, BLOCK_K)
     acc_dtype = tl.int32 if x_ptr.dtype.element_ty == tl.int8 else tl.float32
-    acc = tl.zeros([BLOCK_N, BLOCK_M], acc_dtype)
+    if CODES_LEFT:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], acc_dtype)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], acc_dtype)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
-        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None], mask=mask_k[:, None], other=0)
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :], mask=mask_k[None, :], other=0)
-        acc = tl.dot(w, xt, acc)
-    tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], acc.to(out_ptr.dtype.element_ty))
+        if CODES_LEFT:
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None], mask=mask_k[:, None], other=0)
+            acc = tl.dot(w, xt, acc)
+        else:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=mask_k[None, :], other=0)
+            acc = tl.dot(x, tl.trans(w), acc)
+    if CODES_LEFT:
+        tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], acc.to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty))
 
 
 def _baseline_launch(launch: compile_gate.Launch, option) -> tuple[compile_gate.Launch, object]:
@@ -160,7 +170,8 @@ def _baseline_launch(launch: compile_gate.Launch, option) -> tuple[compile_gate.
         blocks = {key: value for key, value in option.kwargs.items() if key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
         plain = triton.Config(blocks, num_warps=option.num_warps, num_stages=option.num_stages)
         args = (x, w, out, x.shape[0], n, k, x.stride(0), w.stride(0), out.stride(0))
-        return compile_gate.Launch(_baseline_packed_kernel, args, {}, (plain,)), plain
+        constexprs = dict(CODES_LEFT=launch.constexprs["CODES_LEFT"])
+        return compile_gate.Launch(_baseline_packed_kernel, args, constexprs, (plain,)), plain
     return None, None
 
 

@@ -148,10 +148,8 @@ def _unpack_tile(words, BITS: tl.constexpr, DTYPE: tl.constexpr, BLOCK_N: tl.con
         LANES: tl.constexpr = PER_WORD // 2
         lanes = tl.arange(0, LANES)[None, None, :]
         if BITS == 1:
-            if DTYPE == tl.bfloat16:
-                pairs = ((w << (15 - lanes)) & _SIGN2) ^ _BF16_NEG_ONE2
-            else:
-                pairs = ((w << (15 - lanes)) & _SIGN2) ^ _FP16_NEG_ONE2
+            negative_one = _BF16_NEG_ONE2 if DTYPE == tl.bfloat16 else _FP16_NEG_ONE2
+            pairs = ((w << (15 - lanes)) & _SIGN2) ^ negative_one
         else:
             t = w >> (2 * lanes)  # field f + LANES * h at bits 16 h (+1)
             one = _BF16_ONE2 if DTYPE == tl.bfloat16 else _FP16_ONE2
@@ -559,9 +557,9 @@ def packed_matmul(
         )
     if M == 0 or N == 0:
         return out
+    device_target = configs.target_of(x.device)
     if config is None:
-        target = configs.target_of(x.device)
-        num_sms = None if target is None else target.num_sms
+        num_sms = None if device_target is None else device_target.num_sms
         config = default_config(M, N, K, bits, parts=parts, dtype=x.dtype, kernel=kernel, num_sms=num_sms)
     _check_config(config, M, bits)
     int8_x = x.dtype == torch.int8
@@ -604,7 +602,7 @@ def packed_matmul(
     else:
         dot_fp32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and INTERPRET)
         option = configs.from_plan(config, ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
-        codes_left = configs.packed_codes_left(configs.target_of(x.device))
+        codes_left = configs.packed_codes_left(device_target)
         launch(_packed_gemm_kernel, grid, (option,), common,
                dict(flags, INT8_X=int8_x, DOT_FP32=dot_fp32, CODES_LEFT=codes_left))
     if split_k > 1:
