@@ -48,8 +48,10 @@ def write_run(directory: Path, seed: int, with_ternary: bool = True, regression:
     rows = [row("teacher", "32-32-32", 0.95 + 0.01 * (seed - 42), 90.0),
             row("binary_a8_logits", "1-1-8", tws_accuracy, 5.0, size_parts=parts),
             row("bwn_a8_logits", "1-1-8", bwn_accuracy, 5.0, size_parts=parts)]
+    # The width model is trained by the first seed and given to the others (0 steps there), as ``--seeds`` does.
+    rows.insert(1, row("width", "32-32-32", 0.94, 70.0, width=0.5, steps=10 if seed == 42 else 0))
     if with_ternary:
-        rows.insert(1, row("ternary_a8_logits", "2-2-8", 0.93, 9.0))
+        rows.insert(2, row("ternary_a8_logits", "2-2-8", 0.93, 9.0))
     report = {"task": "sst2", "main_metric": "accuracy", "metrics": ["accuracy", "f1"], "rows": rows}
     (directory / "report.json").write_text(json.dumps(report))
     for stage, wrong in (("binary_a8_logits", TWS_WRONG[seed]), ("bwn_a8_logits", bwn_wrong[seed])):
@@ -161,7 +163,7 @@ def test_aggregate_seeds_means_stds_and_files(tmp_path):
     assert summary["seeds"] == [42, 43, 44]
     assert summary["run_dirs"] == {"42": ".", "43": "seed_43", "44": "seed_44"}
     stages = {entry["stage"]: entry for entry in summary["stages"]}
-    assert list(stages) == ["teacher", "binary_a8_logits", "bwn_a8_logits"]
+    assert list(stages) == ["teacher", "width", "binary_a8_logits", "bwn_a8_logits"]
     assert summary["missing"] == {"ternary_a8_logits": [44]}
     tws = stages["binary_a8_logits"]["metrics"]["accuracy"]
     assert tws["values"] == [0.9, 0.85, 0.95]
@@ -172,6 +174,10 @@ def test_aggregate_seeds_means_stds_and_files(tmp_path):
     assert stages["teacher"]["size_mb"] == {"mean": 90.0, "std": 0.0, "values": [90.0] * 3}
     assert stages["bwn_a8_logits"]["size_parts"]["encoder"]["stored_bytes"] == 4_000_000
     assert "size_parts" not in stages["teacher"]
+    assert stages["teacher"]["shared"] is False and stages["teacher"]["seeds"] == 3
+    # Trained once and given to seeds 43, 44: one model, one value, no spread.
+    assert stages["width"]["shared"] is True and stages["width"]["seeds"] == 1
+    assert stages["width"]["metrics"]["accuracy"] == {"mean": 0.94, "std": None, "values": [0.94]}
 
     (comparison,) = summary["comparisons"]
     assert (comparison["act_bits"], comparison["tws_stage"], comparison["bwn_stage"]) == (
@@ -198,6 +204,7 @@ def test_aggregate_seeds_means_stds_and_files(tmp_path):
     assert "the difference is significant at the 0.05 level by the paired bootstrap" in markdown
     assert "ternary_a8_logits (missing in seed 44)" in markdown
     assert "| binary_a8_logits | 1-1-8 | 1 | 3 | 90.00 ± 5.00 |" in markdown
+    assert "| width | 32-32-32 | 0.5 | 1 (shared) | 94.00 | 47.00 | 70.00 |" in markdown
     png = tmp_path / "plots" / "seeds_accuracy_vs_size.png"
     assert summary["plot"] == "plots/seeds_accuracy_vs_size.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

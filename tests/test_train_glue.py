@@ -557,6 +557,8 @@ def test_script_runs_every_quantized_stage(tiny, tmp_path):
     assert read_done(second, "binary_a8_logits")["settings"]["seed"] == 43
     summary = json.loads((output_dir / "seeds.json").read_text())
     assert sorted(map(int, summary["seeds"])) == [42, 43]
+    shared = {row["stage"]: (row["shared"], row["seeds"]) for row in summary["stages"]}
+    assert shared["teacher"] == shared["width"] == (True, 1) and shared["binary_a8_logits"] == (False, 2)
     [comparison] = summary["comparisons"]
     assert (comparison["tws_stage"], comparison["bwn_stage"]) == ("binary_a8_logits", "bwn_a8_logits")
     first_seed = [entry for entry in comparison["per_seed"] if int(entry["seed"]) == 42][0]

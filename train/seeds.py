@@ -92,6 +92,9 @@ def mean_std(values: list[float]) -> dict:
     """``{"mean", "std", "values"}``: the mean and the sample standard deviation (``ddof=1``, ``None`` for one
     value) of ``values``."""
     array = np.asarray(values, dtype=np.float64)
+    if array.size > 1 and np.all(array == array[0]):
+        # Equal values (a size, a shared stage) give exactly their value and 0, not a rounding residue.
+        return {"mean": float(array[0]), "std": 0.0, "values": [float(v) for v in values]}
     return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if array.size > 1 else None,
             "values": [float(v) for v in values]}
 
@@ -142,17 +145,23 @@ def aggregate_stages(reports: dict[int, dict]) -> tuple[list[dict], dict[str, li
             continue
         stage_rows = [rows_by_seed[seed][stage] for seed in seeds]
         first = stage_rows[0]
+        # A stage trained by the first seed only and given to the others (the teacher and width model of
+        # ``--seeds``: 0 steps there) is one model: one value, no spread over seeds.
+        shared = len(seeds) > 1 and first.get("steps", 0) > 0 and all(r.get("steps") == 0 for r in stage_rows[1:])
+        counted = stage_rows[:1] if shared else stage_rows
         row = {
             "stage": stage,
             "bits": first["bits"],
             "width": first.get("width", 1.0),
-            "seeds": len(seeds),
-            "metrics": {m: mean_std([r["metrics"].get(m, math.nan) for r in stage_rows]) for m in metrics},
-            "size_mb": mean_std([r["size_mb"] for r in stage_rows]),
+            "seeds": len(counted),
+            "shared": shared,
+            "metrics": {m: mean_std([r["metrics"].get(m, math.nan) for r in counted]) for m in metrics},
+            "size_mb": mean_std([r["size_mb"] for r in counted]),
             "eval_samples": first.get("eval_samples"),
         }
         if all("size_parts" in r for r in stage_rows):
-            # The stored size depends on the architecture, not the seed: the first seed's parts stand for all.
+            # The first seed's parts stand for all: the architecture fixes them up to a few bytes (a split
+            # layer stores one activation quantizer for both halves only while their values agree).
             row["size_parts"] = first["size_parts"]
         rows.append(row)
     return rows, missing
@@ -272,27 +281,58 @@ def plot_seeds_vs_size(rows: list[dict], metric: str, path: Path) -> bool:
               and not math.isnan(row["metrics"][metric]["mean"])]
     if not points:
         return False
-    figure = Figure(figsize=(6.4, 4.4), layout="constrained")
+    figure = Figure(figsize=(7.2, 5.2), layout="constrained")
     axes = figure.add_subplot()
-    groups = {"TWS binary (final)": "tab:red", "BWN baseline (final)": "tab:green", "other stages": "tab:blue"}
-    for label, colour in groups.items():
+    # Other stages first and lighter, so the final models are drawn on top of them.
+    groups = {"other stages": ("tab:blue", 0.5), "BWN baseline (final)": ("tab:green", 1.0),
+              "TWS binary (final)": ("tab:red", 1.0)}
+    for label, (colour, alpha) in groups.items():
         chosen = [row for row in points if group_of(row["stage"]) == label]
         if not chosen:
             continue
         axes.errorbar([row["size_mb"]["mean"] for row in chosen], [row["metrics"][metric]["mean"] for row in chosen],
                       yerr=[row["metrics"][metric]["std"] or 0.0 for row in chosen], fmt="o", capsize=3,
-                      color=colour, label=label)
-    for row in points:
-        axes.annotate(row["stage"], (row["size_mb"]["mean"], row["metrics"][metric]["mean"]),
-                      textcoords="offset points", xytext=(4, 4), fontsize=8)
+                      color=colour, alpha=alpha, label=label)
+    sizes = sorted({row["size_mb"]["mean"] for row in points})
+    heights = label_heights(points, metric)
+    for row, label_y in zip(points, heights, strict=True):
+        x, y = row["size_mb"]["mean"], row["metrics"][metric]["mean"]
+        # Right of the point, unless a larger model sits close to the right: then left of it.
+        larger = [size for size in sizes if size > x * 1.12]
+        left = bool(larger) and larger[0] < x * 1.8
+        axes.annotate(row["stage"], (x, y), xytext=(x / 1.12 if left else x * 1.12, label_y), fontsize=7,
+                      va="center", ha="right" if left else "left",
+                      arrowprops=dict(arrowstyle="-", color="0.6", linewidth=0.5) if label_y != y else None)
     axes.set_xscale("log")
+    low, high = axes.get_ylim()
+    axes.set_ylim(low, max(high, max(heights) + 0.02 * (high - low)))
     axes.set_xlabel("stored size (MB, log scale)")
-    seeds = points[0]["seeds"]
-    axes.set_ylabel(f"dev {metric} (mean over {seeds} seed{'s' if seeds != 1 else ''})")
+    seeds = max(row["seeds"] for row in points)
+    shared = " (shared stages: one run)" if any(row.get("shared") for row in points) else ""
+    axes.set_ylabel(f"dev {metric}, mean ± std over {seeds} seed{'s' if seeds != 1 else ''}{shared}")
+    left, right = axes.get_xlim()
+    axes.set_xlim(left / 2.2, right * 1.6)   # room for the labels beside the smallest and the largest model
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=8, loc="lower right")
     figure.savefig(path, dpi=100)
     return True
+
+
+def label_heights(points: list[dict], metric: str, spacing: float = 0.035) -> list[float]:
+    """A label height per point: its own value, pushed up just enough that labels of points at nearly the same
+    size (within 12%) stay ``spacing`` of the value range apart."""
+    values = [row["metrics"][metric]["mean"] for row in points]
+    gap = spacing * ((max(values) - min(values)) or 1.0)
+    heights = list(values)
+    order = sorted(range(len(points)), key=lambda index: (values[index], index))
+    placed: list[int] = []
+    for index in order:
+        size = points[index]["size_mb"]["mean"]
+        near = [other for other in placed if abs(math.log(points[other]["size_mb"]["mean"] / size)) < math.log(1.12)]
+        if near:
+            heights[index] = max(heights[index], max(heights[other] for other in near) + gap)
+        placed.append(index)
+    return heights
 
 
 def group_of(stage: str) -> str:
@@ -335,7 +375,9 @@ def significance_sentence(comparison: dict, level: float) -> str:
 
 METHOD = (
     "Method: each stage's numbers are the mean ± sample standard deviation over seeds (one seed: the mean alone). "
-    "TWS and BWN are compared on the same dev examples through each example's correctness. Per seed, the exact "
+    "A stage marked shared (the teacher and the width model) was trained once, with the first seed, and given to "
+    "the other seeds: its one value is shown. TWS and BWN are compared on the same dev examples through each "
+    "example's correctness. Per seed, the exact "
     "McNemar test takes the examples only one model gets right (b: only TWS, c: only BWN) and asks how likely so "
     "lopsided a split is if each such example were a fair coin flip (two-sided binomial test). Pooled over seeds, "
     "the paired bootstrap resamples dev examples with replacement (keeping every seed's result on each drawn "
@@ -369,7 +411,8 @@ def format_seeds_report(summary: dict) -> str:
     for row in summary["stages"]:
         size = row["size_mb"]
         size_text = f"{size['mean']:.2f}" if not size["std"] else f"{size['mean']:.2f} ± {size['std']:.2f}"
-        cells = [row["stage"], row["bits"], f"{row['width']:g}", str(row["seeds"]),
+        seeds_text = f"{row['seeds']} (shared)" if row.get("shared") else str(row["seeds"])
+        cells = [row["stage"], row["bits"], f"{row['width']:g}", seeds_text,
                  *[percent(row["metrics"][m]) for m in metrics], size_text]
         lines.append("| " + " | ".join(cells) + " |")
     if summary["missing"]:
