@@ -129,12 +129,12 @@ def time_forward(forward, warmup: int = 25, rep: int = 100) -> tuple[float, floa
 
 def candidate_configs(provider: str, case: Case) -> list[dict]:
     """The default launch config and a few neighbours (tile sizes, split-K, warps) for ``--tune``."""
-    from triton_bq.kernels.packed_matmul import _num_sms, default_config
+    from triton_bq.kernels import configs
+    from triton_bq.kernels.packed_matmul import default_config
 
     bits = provider_bits(provider)
-    num_sms = _num_sms(case.x.device)
     dtype = torch.int8 if provider.endswith("_a8") else case.x.dtype
-    base = default_config(case.M, case.N, case.K, bits, dtype=dtype, num_sms=num_sms)
+    base = default_config(case.M, case.N, case.K, bits, dtype=dtype, target=configs.target_of(case.x.device))
     variants = [base, dict(base, SPLIT_K=max(1, base["SPLIT_K"] // 2)), dict(base, SPLIT_K=base["SPLIT_K"] * 2),
                 dict(base, num_warps=8)]
     if base["kernel"] == "gemv":

@@ -256,11 +256,14 @@ def scales(kernel: str, target: Target | None) -> tuple:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Packed inference (kernels/packed_matmul.py). The gemv by BLOCK_M (next power of two of M; above 2 only when the
-# gemv is forced), the gemm by M bucket; ``packed_matmul.default_config`` adapts BLOCK_N / BLOCK_KW / SPLIT_K to
-# the shape and SM count. The interpreter uses a few large tiles (fast).
+# gemv is forced; one table fits every target), the gemm by M bucket, chosen for the target by ``packed_gemm``;
+# ``packed_matmul.default_config`` adapts BLOCK_N / BLOCK_KW / SPLIT_K to the shape and the target's SM count.
+# The interpreter uses a few large tiles (fast).
 PACKED_GEMV = {
     1: config(4, 3, BLOCK_N=128, BLOCK_KW=32),
-    2: config(4, 3, BLOCK_N=64, BLOCK_KW=32),
+    # 16 words per step: 32 spilled up to 436 B on sm_80 (two parts) and a few bytes on sm_90 / sm_120 (compile
+    # gate, full grid).
+    2: config(4, 3, BLOCK_N=64, BLOCK_KW=16),
     4: config(4, 3, BLOCK_N=64, BLOCK_KW=16),
     8: config(4, 3, BLOCK_N=32, BLOCK_KW=16),
     16: config(4, 3, BLOCK_N=16, BLOCK_KW=16),
@@ -269,9 +272,36 @@ PACKED_GEMM = {
     "skinny": config(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1),
     "medium": config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     "large": config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-    # float32 inputs take IEEE fp32 dots (no tensor cores): small tiles keep the accumulators in registers.
-    "fp32": config(4, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+    # float32 inputs take IEEE fp32 dots (no tensor cores): small tiles keep the accumulators in registers (a
+    # 64-wide N tile spilled 40-516 B with two parts on every target but sm_80).
+    "fp32": config(4, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
 }
+# The mma.sync targets (sm_8x, sm_120) hold the unpacked codes, the x fragments and the accumulator in the same
+# registers (no register-operand wgmma): the 64x128 tile takes 8 warps there (4 spilled 4-28 B with two parts or
+# two bits on sm_80 / 86 / 89 / 120), and ptxas-blackwell's sm_120 tiles step half as deep in K (the 64-deep large
+# tile spilled 16 B with two 2-bit parts, the 256-deep skinny tile 12-16 B).
+_PACKED_GEMM_MMA_SYNC = {"medium": config(8, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)}
+_PACKED_GEMM_SM120 = {
+    "skinny": config(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
+    "large": config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+}
+PACKED_GEMM_BUCKETS = tuple(PACKED_GEMM)
+
+
+def packed_gemm(bucket: str, target: Target) -> triton.Config:
+    """The packed GEMM's config for an M ``bucket`` (``"skinny"``, ``"medium"``, ``"large"``, ``"fp32"``) on
+    ``target``: the sm_90 / sm_100 table, with the mma.sync and sm_120 changes above."""
+    if bucket not in PACKED_GEMM:
+        raise ValueError(f"bucket must be one of {PACKED_GEMM_BUCKETS}, got {bucket!r}")
+    if not isinstance(target, Target):
+        raise TypeError(f"target must be a Target, got {type(target).__name__}")
+    if target.capability >= 120 and bucket in _PACKED_GEMM_SM120:
+        return _PACKED_GEMM_SM120[bucket]
+    if target.capability not in (90, 100) and bucket in _PACKED_GEMM_MMA_SYNC:
+        return _PACKED_GEMM_MMA_SYNC[bucket]
+    return PACKED_GEMM[bucket]
+
+
 PACKED_GEMV_INTERPRETER = config(4, 1, BLOCK_N=64, BLOCK_KW=8)
 PACKED_GEMM_INTERPRETER = config(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=2)
 

@@ -44,9 +44,6 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Integer sums up to 2^24 are exact in float32: the gemv accumulates int8 activations in float32 below this K.
 FP32_EXACT_MAX_K = 2**24 // (2 * 128)
-# Launch configs (triton.Config, see kernels/configs.py): the gemv by BLOCK_M, the gemm by M bucket.
-GEMV_CONFIGS = configs.PACKED_GEMV
-GEMM_CONFIGS = configs.PACKED_GEMM
 
 
 @triton.jit
@@ -395,10 +392,6 @@ def _new_workspace(shape: tuple[int, ...], device: torch.device, dtype: torch.dt
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _split_k(tiles: int, steps: int, num_sms: int) -> int:
     """Splits of the K loop so that tiles * splits reaches about two programs per SM (1 when tiles suffice)."""
     if tiles >= num_sms:
@@ -420,22 +413,26 @@ def default_config(
     parts: int = 1,
     dtype: torch.dtype = torch.bfloat16,
     kernel: str = "auto",
-    num_sms: int | None = None,
+    target: configs.Target | None = None,
 ) -> dict:
     """Launch config (kernel, tile sizes, ``SPLIT_K``, warps, stages) for ``x [M, K] @ W [N, K]^T``.
 
     ``kernel="auto"`` picks the gemv for ``M <= GEMV_MAX_M``; ``"gemv"`` can be forced up to M = 16.
-    ``num_sms=None`` means the interpreter: small tiles, no split. Otherwise the GPU tables (``configs.PACKED_*``), with
-    ``SPLIT_K`` chosen so that the grid reaches about two programs per SM.
+    ``target=None`` means the interpreter: small tiles, no split. Otherwise the GPU tables of ``configs``
+    (``PACKED_GEMV``, ``packed_gemm(bucket, target)``), with ``SPLIT_K`` chosen so that the grid reaches about two
+    programs per SM of ``target``.
     """
+    if target is not None and not isinstance(target, configs.Target):
+        raise TypeError(f"target must be a configs.Target or None, got {type(target).__name__}")
     kernel = choose_kernel(M) if kernel == "auto" else kernel
     if kernel == "gemv":
         block_m = triton.next_power_of_2(M)
         if block_m > SKINNY_MAX_M:
             raise ValueError(f"the gemv kernel takes M <= {SKINNY_MAX_M}, got M={M}")
-        if num_sms is None:
+        if target is None:
             return dict(kernel="gemv", BLOCK_M=block_m, SPLIT_K=1, **configs.as_plan(configs.PACKED_GEMV_INTERPRETER))
-        config = dict(kernel="gemv", BLOCK_M=block_m, **configs.as_plan(GEMV_CONFIGS[block_m]))
+        num_sms = target.num_sms
+        config = dict(kernel="gemv", BLOCK_M=block_m, **configs.as_plan(configs.PACKED_GEMV[block_m]))
         config["BLOCK_N"] = max(16, config["BLOCK_N"] // parts)
         words = math.ceil(K / (WORD_BITS // bits))
         # Small layers (BERT-base) offer fewer tiles x steps than SMs: shrink the tiles until they fill the GPU.
@@ -450,16 +447,16 @@ def default_config(
         return dict(config, SPLIT_K=_split_k(math.ceil(N / config["BLOCK_N"]), steps, num_sms))
     if kernel != "gemm":
         raise ValueError(f"kernel must be 'auto', 'gemv' or 'gemm', got {kernel!r}")
-    if num_sms is None:
+    if target is None:
         return dict(kernel="gemm", SPLIT_K=1, **configs.as_plan(configs.PACKED_GEMM_INTERPRETER))
     if dtype == torch.float32:
         bucket = "fp32"
     else:
         bucket = "skinny" if M <= SKINNY_MAX_M else "medium" if M <= 64 else "large"
-    config = dict(kernel="gemm", **configs.as_plan(GEMM_CONFIGS[bucket]))
+    config = dict(kernel="gemm", **configs.as_plan(configs.packed_gemm(bucket, target)))
     tiles = math.ceil(M / config["BLOCK_M"]) * math.ceil(N / config["BLOCK_N"])
     steps = math.ceil(K / config["BLOCK_K"])
-    return dict(config, SPLIT_K=_split_k(tiles, steps, num_sms))
+    return dict(config, SPLIT_K=_split_k(tiles, steps, target.num_sms))
 
 
 def _check_config(config: dict, M: int, bits: int) -> None:
@@ -559,8 +556,7 @@ def packed_matmul(
         return out
     device_target = configs.target_of(x.device)
     if config is None:
-        num_sms = None if device_target is None else device_target.num_sms
-        config = default_config(M, N, K, bits, parts=parts, dtype=x.dtype, kernel=kernel, num_sms=num_sms)
+        config = default_config(M, N, K, bits, parts=parts, dtype=x.dtype, kernel=kernel, target=device_target)
     _check_config(config, M, bits)
     int8_x = x.dtype == torch.int8
     per_word = WORD_BITS // bits

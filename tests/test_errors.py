@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 from tiny_bert import tiny_bert
 from torch import nn
-from triton_bq.kernels import _common, scales
+from triton_bq.kernels import _common, configs, scales
 from triton_bq.kernels import packed_matmul as pm
 from triton_bq.kernels.linear import fused_quant_linear
 
@@ -463,7 +463,7 @@ def _matmul(x=None, data=None, scale=None, bias=None, **kwargs):
 
 
 def _matmul_config(kernel, **changes):
-    return dict(pm.default_config(2, 3, 4, 1, kernel=kernel, num_sms=1), **changes)
+    return dict(pm.default_config(2, 3, 4, 1, kernel=kernel, target=configs.TARGETS["sm_90"]), **changes)
 
 
 def _default_config(*args, **kwargs):
@@ -475,9 +475,9 @@ def _quantize_int8(x):
 
 
 PACKED_MATMUL_CASES = [
-    _case("gemv-m", lambda: _default_config(17, 33, 100, 1, kernel="gemv", num_sms=1), ValueError,
+    _case("gemv-m", lambda: _default_config(17, 33, 100, 1, kernel="gemv"), ValueError,
           r"the gemv kernel takes M <= 16, got M=17"),
-    _case("kernel", lambda: _default_config(1, 33, 100, 1, kernel="dense", num_sms=1), ValueError,
+    _case("kernel", lambda: _default_config(1, 33, 100, 1, kernel="dense"), ValueError,
           r"kernel must be 'auto', 'gemv' or 'gemm', got 'dense'"),
     _case("config-block-m", lambda: _matmul(config=_matmul_config("gemv", BLOCK_M=1)), ValueError,
           r"config BLOCK_M=1 is smaller than M=2 \(the gemv holds all rows\)"),

@@ -11,10 +11,13 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton_bq.kernels import configs
 from triton_bq.kernels import packed_matmul as pm
 
 from triton_bq import bitpack as packing
 from triton_bq.ops import packed_linear, quantize_int8_reference
+
+H100 = configs.TARGETS["sm_90"]
 
 # Float tolerance per activation dtype, in one place: elementwise rtol for float32 (atol relative to the largest
 # output), relative Frobenius error for the 16-bit types.
@@ -252,31 +255,50 @@ def test_empty_batch(device):
 @pytest.mark.parametrize("M", [1, 2, 16, 64, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_gpu_default_configs_on_a_small_shape(M, dtype, device):
-    # The configs an H100 (132 SMs) would pick, on a small shape: split-K engages (few tiles), tiles shrink.
+    # The configs an H100 (sm_90, 132 SMs) would pick, on a small shape: split-K engages (few tiles), tiles shrink.
     packed = make_packed(33, 100, 1, granularity="row", device=device)
-    config = pm.default_config(M, 33, 100, 1, dtype=dtype, num_sms=132)
+    config = pm.default_config(M, 33, 100, 1, dtype=dtype, target=H100)
     x, _ = random_inputs(M, 33, 100, M, device, dtype)
     assert_matches(run(x, packed, config=config), expected_output(x, packed))
 
 
 def test_default_config_heuristics():
     assert pm.choose_kernel(1) == "gemv" and pm.choose_kernel(2) == "gemv" and pm.choose_kernel(3) == "gemm"
-    big = pm.default_config(1, 28672, 4096, 1, num_sms=132)
+    big = pm.default_config(1, 28672, 4096, 1, target=H100)
     assert big["kernel"] == "gemv" and big["SPLIT_K"] == 1
-    down = pm.default_config(1, 4096, 14336, 1, num_sms=132)
+    down = pm.default_config(1, 4096, 14336, 1, target=H100)
     assert down["SPLIT_K"] > 1 and math.ceil(4096 / down["BLOCK_N"]) * down["SPLIT_K"] >= 132
     # Both layers offer more tiles x steps than SMs: neither tile is shrunk, so they are the same base tile.
     assert math.ceil(4096 / down["BLOCK_N"]) * math.ceil(14336 / 32 / down["BLOCK_KW"]) >= 132
     assert (down["BLOCK_N"], down["BLOCK_KW"]) == (big["BLOCK_N"], big["BLOCK_KW"])
-    small = pm.default_config(1, 768, 768, 1, num_sms=132)
+    small = pm.default_config(1, 768, 768, 1, target=H100)
     small_steps = math.ceil(768 / 32 / small["BLOCK_KW"])
     assert math.ceil(768 / small["BLOCK_N"]) * min(small["SPLIT_K"], small_steps) >= 132
-    skinny = pm.default_config(16, 4096, 14336, 2, num_sms=132)
+    skinny = pm.default_config(16, 4096, 14336, 2, target=H100)
     assert skinny["kernel"] == "gemm" and skinny["BLOCK_M"] == 16 and skinny["BLOCK_K"] % 16 == 0
-    large = pm.default_config(4096, 4096, 4096, 1, num_sms=132)
+    large = pm.default_config(4096, 4096, 4096, 1, target=H100)
     assert large["BLOCK_M"] == 128 and large["SPLIT_K"] == 1
     # Two parts (a split pair) stream twice the words per output: the tile halves its rows.
-    assert pm.default_config(1, 4096, 14336, 1, parts=2, num_sms=132)["BLOCK_N"] == down["BLOCK_N"] // 2
+    assert pm.default_config(1, 4096, 14336, 1, parts=2, target=H100)["BLOCK_N"] == down["BLOCK_N"] // 2
+    # The same problem on each target takes that target's table (spill-free defaults, compile gate) and SM count.
+    medium = {name: pm.default_config(64, 4096, 4096, 2, parts=2, target=target)
+              for name, target in configs.TARGETS.items()}
+    assert {name: plan["num_warps"] for name, plan in medium.items()} == {
+        "sm_80": 8, "sm_86": 8, "sm_89": 8, "sm_90": 4, "sm_100": 4, "sm_120": 8}
+    assert all((plan["BLOCK_M"], plan["BLOCK_N"], plan["BLOCK_K"]) == (64, 128, 64) for plan in medium.values())
+    assert pm.default_config(4096, 4096, 4096, 2, target=configs.TARGETS["sm_120"])["BLOCK_K"] == 32
+    assert pm.default_config(16, 4096, 4096, 2, target=configs.TARGETS["sm_120"])["BLOCK_K"] == 128
+    # Split-K follows the SM count: 32 tiles reach two programs per SM with ceil(2 * 82 / 32) = 6 splits on sm_86
+    # and ceil(2 * 132 / 32) = 9 on sm_90.
+    split = {name: pm.default_config(64, 4096, 4096, 1, target=configs.TARGETS[name])["SPLIT_K"]
+             for name in ("sm_86", "sm_90")}
+    assert split == {"sm_86": 6, "sm_90": 9}
+    with pytest.raises(TypeError, match="target must be a configs.Target or None, got int"):
+        pm.default_config(1, 33, 100, 1, target=132)
+    with pytest.raises(ValueError, match="bucket must be one of .*, got 'huge'"):
+        configs.packed_gemm("huge", H100)
+    with pytest.raises(TypeError, match="target must be a Target, got NoneType"):
+        configs.packed_gemm("medium", None)
     with pytest.raises(ValueError, match="the gemv kernel takes M <= 16, got M=17"):
         pm.default_config(17, 33, 100, 1, kernel="gemv")
     with pytest.raises(ValueError, match="kernel must be 'auto', 'gemv' or 'gemm', got 'dense'"):
