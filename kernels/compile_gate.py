@@ -42,7 +42,7 @@ from triton.runtime.jit import create_function_from_signature
 
 from triton_bq.options import QuantOptions
 
-from . import _common, configs, linear, packed_matmul
+from . import _common, configs, linear, packed_matmul, scales
 
 # Activation quantizers of the grid: (act_method, act_bits, act_signed, act_granularity).
 _ACTS = {"none": (None, 8, True, "per_tensor"), "sym8": ("sym", 8, True, "per_tensor"),
@@ -187,25 +187,41 @@ def _run_packed(setup: dict) -> None:
     packed_matmul.packed_matmul(x, data, scale, bias, bits=setup["bits"], in_features=k, x_scale=x_scale)
 
 
-def record(target_name: str, full: bool) -> list[Launch]:
-    """Every launch the launchers make for the grid on ``target_name`` (nothing runs)."""
+def _kernel_names(*modules) -> frozenset:
+    return frozenset(name for module in modules for name, value in vars(module).items()
+                     if isinstance(value, triton.runtime.KernelInterface))
+
+
+# The kernels each family of setups can launch: a setup none of whose kernels ``only`` can match is not run.
+_FAMILIES = {"linear": _kernel_names(linear, scales), "packed": _kernel_names(packed_matmul)}
+
+
+def record(target_name: str, full: bool, only: re.Pattern | None = None) -> list[Launch]:
+    """Every launch the launchers make for the grid on ``target_name`` (nothing runs). With ``only`` (the
+    pattern of ``collect``), setups whose family's kernels cannot match it are skipped."""
 
     launches: list[Launch] = []
-    current = {"setup": ""}
+    current = {"setup": "", "family": ""}
 
     def recorder(kernel, args, constexprs, options):
+        if kernel.__name__ not in _FAMILIES[current["family"]]:
+            raise RuntimeError(f"{current['setup']} launched {kernel.__name__}, not a kernel of its family's "
+                               f"modules: add its module to compile_gate._FAMILIES")
         launches.append(Launch(kernel, args, dict(constexprs), tuple(options), current["setup"]))
+
+    def wanted(family: str, setup: str) -> bool:
+        return only is None or any(only.search(f"{name} {setup}") for name in _FAMILIES[family])
 
     saved = _common.LAUNCH_RECORDER
     _common.LAUNCH_RECORDER = recorder
     try:
         with configs.recording(configs.TARGETS[target_name]):
-            for setup in _grid(full):
-                current["setup"] = "linear " + " ".join(f"{key}={value}" for key, value in setup.items())
-                _run_linear(setup)
-            for setup in _packed_grid(full):
-                current["setup"] = "packed " + " ".join(f"{key}={value}" for key, value in setup.items())
-                _run_packed(setup)
+            for family, grid, runner in (("linear", _grid, _run_linear), ("packed", _packed_grid, _run_packed)):
+                for setup in grid(full):
+                    text = f"{family} " + " ".join(f"{key}={value}" for key, value in setup.items())
+                    if wanted(family, text):
+                        current.update(setup=text, family=family)
+                        runner(setup)
     finally:
         _common.LAUNCH_RECORDER = saved
     return launches
@@ -333,7 +349,7 @@ def collect(targets, every_config: bool, full: bool, only: str | None = None, ti
         backend = _backend(target_name)
         seen = {}
         started = time.time()
-        launches = record(target_name, full)
+        launches = record(target_name, full, pattern)
         timings["record"] += time.time() - started
         started = time.time()
         for launch in launches:

@@ -7,6 +7,7 @@ per-block limit or a register spill. The rest checks the config choice itself, c
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -93,6 +94,18 @@ def test_path_and_forward_dot_context_and_setter():
         with pytest.raises(ValueError, match="bogus"):
             setter("bogus")
         assert setter(default) == default
+
+
+def test_record_runs_only_the_setups_a_pattern_can_match():
+    # A packed-only pattern runs no fused-linear setup; a linear pattern runs only its own setups.
+    packed = compile_gate.record("sm_89", False, re.compile(r"^_packed_gemv_kernel packed dtype=int8 M=1 "))
+    assert packed and all(launch.setup.startswith("packed dtype=int8 M=1 ") for launch in packed)
+    assert {launch.kernel.__name__ for launch in packed} <= compile_gate._FAMILIES["packed"]
+    lsq = compile_gate.record("sm_89", False, re.compile(r"^_quant_linear_fwd_kernel linear compute=bf16 .*act=lsq4 "))
+    assert lsq and all(launch.setup.startswith("linear compute=bf16 ") and " act=lsq4 " in launch.setup
+                       for launch in lsq)
+    # Each setup records all of its launches (collect filters them by kernel afterwards).
+    assert {launch.kernel.__name__ for launch in lsq} >= {"_quant_linear_fwd_kernel", "_quant_linear_bwd_x_kernel"}
 
 
 def test_recording_target_is_scoped():
