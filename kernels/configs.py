@@ -297,7 +297,7 @@ def packed_gemm(bucket: str, target: Target) -> triton.Config:
         raise TypeError(f"target must be a Target, got {type(target).__name__}")
     if target.capability >= 120 and bucket in _PACKED_GEMM_SM120:
         return _PACKED_GEMM_SM120[bucket]
-    if target.capability not in (90, 100) and bucket in _PACKED_GEMM_MMA_SYNC:
+    if not _register_operand_wgmma(target) and bucket in _PACKED_GEMM_MMA_SYNC:
         return _PACKED_GEMM_MMA_SYNC[bucket]
     return PACKED_GEMM[bucket]
 
@@ -306,12 +306,17 @@ PACKED_GEMV_INTERPRETER = config(4, 1, BLOCK_N=64, BLOCK_KW=8)
 PACKED_GEMM_INTERPRETER = config(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=2)
 
 
+def _register_operand_wgmma(target: Target) -> bool:
+    """sm_90 / sm_100: wgmma (tcgen05) takes its left operand from registers; the other targets use mma.sync."""
+    return target.capability in (90, 100)
+
+
 def packed_codes_left(target: Target | None) -> bool:
     """Whether the packed GEMM computes the transposed tile with the unpacked codes as the left MMA operand: on
     sm_90 / sm_100 and in the interpreter. Register-operand wgmma keeps the codes out of shared memory and the MMA
     asynchronous; on the mma.sync targets (sm_8x, sm_120) the transposed tile spilled with two parts (compile gate),
     and the codes reach mma.sync from registers either way."""
-    return target is None or target.capability in (90, 100)
+    return target is None or _register_operand_wgmma(target)
 
 
 def as_plan(option: triton.Config) -> dict:

@@ -431,12 +431,11 @@ def default_config(
             raise ValueError(f"the gemv kernel takes M <= {SKINNY_MAX_M}, got M={M}")
         if target is None:
             return dict(kernel="gemv", BLOCK_M=block_m, SPLIT_K=1, **configs.as_plan(configs.PACKED_GEMV_INTERPRETER))
-        num_sms = target.num_sms
         config = dict(kernel="gemv", BLOCK_M=block_m, **configs.as_plan(configs.PACKED_GEMV[block_m]))
         config["BLOCK_N"] = max(16, config["BLOCK_N"] // parts)
         words = math.ceil(K / (WORD_BITS // bits))
         # Small layers (BERT-base) offer fewer tiles x steps than SMs: shrink the tiles until they fill the GPU.
-        while math.ceil(N / config["BLOCK_N"]) * math.ceil(words / config["BLOCK_KW"]) < num_sms:
+        while math.ceil(N / config["BLOCK_N"]) * math.ceil(words / config["BLOCK_KW"]) < target.num_sms:
             if config["BLOCK_N"] > 32:
                 config["BLOCK_N"] //= 2
             elif config["BLOCK_KW"] > 4:
@@ -444,7 +443,7 @@ def default_config(
             else:
                 break
         steps = math.ceil(words / config["BLOCK_KW"])
-        return dict(config, SPLIT_K=_split_k(math.ceil(N / config["BLOCK_N"]), steps, num_sms))
+        return dict(config, SPLIT_K=_split_k(math.ceil(N / config["BLOCK_N"]), steps, target.num_sms))
     if kernel != "gemm":
         raise ValueError(f"kernel must be 'auto', 'gemv' or 'gemm', got {kernel!r}")
     if target is None:

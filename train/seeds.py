@@ -92,11 +92,10 @@ def mean_std(values: list[float]) -> dict:
     """``{"mean", "std", "values"}``: the mean and the sample standard deviation (``ddof=1``, ``None`` for one
     value) of ``values``."""
     array = np.asarray(values, dtype=np.float64)
-    if array.size > 1 and np.all(array == array[0]):
-        # Equal values (a size, a shared stage) give exactly their value and 0, not a rounding residue.
-        return {"mean": float(array[0]), "std": 0.0, "values": [float(v) for v in values]}
-    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if array.size > 1 else None,
-            "values": [float(v) for v in values]}
+    # Equal values (a size, a shared stage) give exactly their value and 0, not a rounding residue.
+    equal = bool(np.all(array == array[0]))
+    std = None if array.size == 1 else 0.0 if equal else float(array.std(ddof=1))
+    return {"mean": float(array[0] if equal else array.mean()), "std": std, "values": [float(v) for v in values]}
 
 
 def read_json(path: Path) -> dict:
@@ -298,9 +297,9 @@ def plot_seeds_vs_size(rows: list[dict], metric: str, path: Path) -> bool:
     for row, label_y in zip(points, heights, strict=True):
         x, y = row["size_mb"]["mean"], row["metrics"][metric]["mean"]
         # Right of the point, unless a larger model sits close to the right: then left of it.
-        larger = [size for size in sizes if size > x * 1.12]
+        larger = [size for size in sizes if size > x * LABEL_NEAR]
         left = bool(larger) and larger[0] < x * 1.8
-        axes.annotate(row["stage"], (x, y), xytext=(x / 1.12 if left else x * 1.12, label_y), fontsize=7,
+        axes.annotate(row["stage"], (x, y), xytext=(x / LABEL_NEAR if left else x * LABEL_NEAR, label_y), fontsize=7,
                       va="center", ha="right" if left else "left",
                       arrowprops=dict(arrowstyle="-", color="0.6", linewidth=0.5) if label_y != y else None)
     axes.set_xscale("log")
@@ -318,9 +317,13 @@ def plot_seeds_vs_size(rows: list[dict], metric: str, path: Path) -> bool:
     return True
 
 
+# Stored sizes within this factor share a label column in the seeds plot; labels sit this factor beside a point.
+LABEL_NEAR = 1.12
+
+
 def label_heights(points: list[dict], metric: str, spacing: float = 0.035) -> list[float]:
     """A label height per point: its own value, pushed up just enough that labels of points at nearly the same
-    size (within 12%) stay ``spacing`` of the value range apart."""
+    size (within ``LABEL_NEAR``) stay ``spacing`` of the value range apart."""
     values = [row["metrics"][metric]["mean"] for row in points]
     gap = spacing * ((max(values) - min(values)) or 1.0)
     heights = list(values)
@@ -328,7 +331,8 @@ def label_heights(points: list[dict], metric: str, spacing: float = 0.035) -> li
     placed: list[int] = []
     for index in order:
         size = points[index]["size_mb"]["mean"]
-        near = [other for other in placed if abs(math.log(points[other]["size_mb"]["mean"] / size)) < math.log(1.12)]
+        near = [other for other in placed
+                if abs(math.log(points[other]["size_mb"]["mean"] / size)) < math.log(LABEL_NEAR)]
         if near:
             heights[index] = max(heights[index], max(heights[other] for other in near) + gap)
         placed.append(index)
