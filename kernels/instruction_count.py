@@ -10,6 +10,11 @@ quantizing in the main loop is free for the issue slots; on sm_90 one HGMMA.64xN
 core busy for about N / 2 clocks while its scheduler issues at most one instruction per clock, so a count above
 about N / 2 per HGMMA makes the loop issue-bound.
 
+The packed GEMV has no MMA: its K loop (the innermost loop with global loads) is counted as thread instructions
+per weight code it reads (each loop instruction issues once per warp for 32 threads), and per byte of packed
+weights. A GEMV streams its weights once, so it is memory-bound only while that per-byte count stays under the
+GPU's thread-instruction issue rate divided by its memory bandwidth.
+
     python -m triton_bq.kernels.instruction_count                    # sm_90, the CI grid
     python -m triton_bq.kernels.instruction_count --only "fwd.*bwn"  # a subset (regular expression)
     python -m triton_bq.kernels.instruction_count --markdown         # the table of docs/kernels.md
@@ -39,6 +44,7 @@ from . import compile_gate, linear
 
 _MMA = re.compile(r"^(HGMMA|HMMA|IMMA|IGMMA|UTCHMMA|UTCIMMA|UTCQMMA)\b")
 _INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)")
+_GLOBAL_LOAD = re.compile(r"^LDG\b")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
 _BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
 # Constexprs that switch the quantization off in the linear kernels (the baseline).
@@ -77,9 +83,9 @@ def disassemble(cubin: bytes) -> str:
         return subprocess.run([nvdisasm_path(), "-c", file.name], check=True, capture_output=True, text=True).stdout
 
 
-def main_loop(sass: str) -> LoopCount | None:
-    """Count the innermost loop (label ... backward ``BRA`` to it) that holds MMA instructions; None if none."""
-    instructions = []  # (opcode, label defined just before it or None)
+def _loops(sass: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """The opcodes of a SASS listing and its loops: (first, last) instruction indices of each backward branch."""
+    instructions = []
     labels = {}
     branches = []  # (index of the branch, target label)
     for line in sass.splitlines():
@@ -94,12 +100,16 @@ def main_loop(sass: str) -> LoopCount | None:
         if branch:
             branches.append((len(instructions), branch.group(1)))
         instructions.append(match.group(1))
-    loops = [(labels[target], index) for index, target in branches if target in labels and labels[target] <= index]
+    return instructions, [(labels[target], index) for index, target in branches
+                          if target in labels and labels[target] <= index]
+
+
+def _innermost(sass: str, holds) -> LoopCount | None:
+    """Count the innermost loop whose opcodes satisfy ``holds``; None if no loop does."""
+    instructions, loops = _loops(sass)
     best = None
     for start, end in loops:
-        body = instructions[start:end + 1]
-        mmas = [op for op in body if _MMA.match(op)]
-        if mmas and (best is None or end - start < best[1] - best[0]):
+        if holds(instructions[start:end + 1]) and (best is None or end - start < best[1] - best[0]):
             best = (start, end)
     if best is None:
         return None
@@ -110,7 +120,18 @@ def main_loop(sass: str) -> LoopCount | None:
         if not _MMA.match(op):
             name = op.split(".")[0]
             opcodes[name] = opcodes.get(name, 0) + 1
-    return LoopCount(len(mmas), len(body) - len(mmas), mmas[0], opcodes)
+    return LoopCount(len(mmas), len(body) - len(mmas), mmas[0] if mmas else "", opcodes)
+
+
+def main_loop(sass: str) -> LoopCount | None:
+    """Count the innermost loop (label ... backward ``BRA`` to it) that holds MMA instructions; None if none."""
+    return _innermost(sass, lambda body: any(_MMA.match(op) for op in body))
+
+
+def load_loop(sass: str) -> LoopCount | None:
+    """Count the innermost loop that loads from global memory and holds no MMA (the packed GEMV's K loop)."""
+    return _innermost(sass, lambda body: any(_GLOBAL_LOAD.match(op) for op in body)
+                      and not any(_MMA.match(op) for op in body))
 
 
 @triton.jit
@@ -228,6 +249,67 @@ def _count_job(index: int) -> Row:
     return row
 
 
+@dataclass
+class GemvRow:
+    """The packed GEMV's K loop on one specialization: thread instructions per weight code it unpacks."""
+
+    target: str
+    setup: str
+    config: str
+    bits: int
+    codes_per_step: int  # weight codes one program reads per loop iteration (every part)
+    num_warps: int
+    loop: LoopCount | None = None
+    error: str = ""
+
+    @property
+    def per_code(self) -> float:
+        """Thread instructions per weight code: each loop instruction issues once per warp, for 32 threads."""
+        if self.loop is None:
+            return float("nan")
+        return self.loop.other * 32 * self.num_warps / self.codes_per_step
+
+    @property
+    def per_byte(self) -> float:
+        """Thread instructions per byte of packed weights streamed (``8 / bits`` codes per byte)."""
+        return self.per_code * 8 / self.bits
+
+
+def _gemv_row(job) -> GemvRow:
+    values = {**job.launch.constexprs, **job.option.kwargs}
+    bits = values["BITS"]
+    codes = values["BLOCK_N"] * values["BLOCK_KW"] * (32 // bits) * values["PARTS"]
+    return GemvRow(job.target, _short_setup(job.result.setups[0]), job.result.config, bits, codes,
+                   job.option.num_warps)
+
+
+def _count_gemv(index: int) -> GemvRow:
+    job = _GEMV_JOBS[index]
+    row = _gemv_row(job)
+    try:
+        row.loop = load_loop(disassemble(_compiled(job.target, job.launch, job.option).asm["cubin"]))
+    except Exception as error:  # reported in the table
+        row.error = compile_gate._error_text(error)
+    return row
+
+
+_GEMV_JOBS: list = []
+
+
+def run_gemv(target: str = "sm_90", only: str | None = None, workers: int | None = None) -> list[GemvRow]:
+    """Compile and count the packed GEMV specializations of the CI grid on ``target`` (default configs)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("the instruction count needs TRITON_INTERPRET unset (the interpreter replaces compilation)")
+    if target not in compile_gate._target_names():
+        raise ValueError(f"unknown target {target!r}; choose from {compile_gate._target_names()}")
+    _GEMV_JOBS[:] = [job for job in compile_gate.collect([target], False, False, only)
+                     if job.launch.kernel.__name__ == "_packed_gemv_kernel"]
+    if not _GEMV_JOBS:
+        return []
+    with ProcessPoolExecutor(workers or os.cpu_count() or 1, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_count_gemv, range(len(_GEMV_JOBS)), chunksize=1))
+
+
 def _on_default_paths(setup: str) -> bool:
     """Whether a grid setup runs the linear launcher's default activation and weight paths."""
     if not setup.startswith("linear"):
@@ -304,6 +386,26 @@ def format_table(rows: list[Row], markdown: bool = False) -> str:
             cells = [kernel, row.setup, row.config, mma, row.mma_kind.replace("wgmma ", ""),
                      f"{row.count.per_mma:.2f}", baseline, ratio]
         lines.append(cells)
+    return _table(header, lines, markdown)
+
+
+def format_gemv_table(rows: list[GemvRow], markdown: bool = False) -> str:
+    """One line per GEMV specialization: setup, config, codes per step, instructions per code and per byte."""
+    header = ["kernel", "setup", "config", "codes / step", "instructions / code", "instructions / weight byte",
+              "most issued"]
+    lines = []
+    for row in rows:
+        if row.error or row.loop is None:
+            cells = ["gemv", row.setup, row.config, str(row.codes_per_step), row.error or "no load loop", "", ""]
+        else:
+            top = sorted(row.loop.opcodes.items(), key=lambda item: -item[1])[:3]
+            cells = ["gemv", row.setup, row.config, str(row.codes_per_step), f"{row.per_code:.2f}",
+                     f"{row.per_byte:.1f}", ", ".join(f"{name} {count}" for name, count in top)]
+        lines.append(cells)
+    return _table(header, lines, markdown)
+
+
+def _table(header: list[str], lines: list[list[str]], markdown: bool) -> str:
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(cells) + " |" for cells in lines]
@@ -326,15 +428,20 @@ def main(argv=None) -> int:
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_bq_count_")
     knobs.cache.dir = os.environ["TRITON_CACHE_DIR"]
     rows = run(args.target, args.only, args.workers)
-    print(format_table(rows, args.markdown))
-    failed = [row for row in rows if row.error]
+    gemv_rows = run_gemv(args.target, args.only, args.workers)
+    if rows:
+        print(format_table(rows, args.markdown))
+    if gemv_rows:
+        print("\n" if rows else "", end="")
+        print(format_gemv_table(gemv_rows, args.markdown))
+    failed = [row for row in rows + gemv_rows if row.error]
     if args.max_ratio is not None:
         over = [row for row in rows if row.default_paths and row.count is not None and row.ratio > args.max_ratio]
         for row in over:
             print(f"over {args.max_ratio}x: {row.kernel} {row.setup} {row.config}: {row.ratio:.2f}x")
         failed += over
-    if not rows:
-        print("no GEMM specialization matched")
+    if not rows and not gemv_rows:
+        print("no GEMM or GEMV specialization matched")
         return 1
     return 1 if failed else 0
 

@@ -72,3 +72,51 @@ def test_default_paths_meet_the_lean_loop_target_on_sm90():
     assert completed.returncode == 0, completed.stdout[-6000:] + completed.stderr[-3000:]
     rows = [line for line in completed.stdout.splitlines() if "HGMMA" in line]
     assert {line.split()[0] for line in rows} == {"fwd", "bwd_x", "bwd_w"}, completed.stdout
+
+
+_GEMV_LISTING = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDG.E R4, desc[UR4][R2.64] ;
+        /*0020*/                   LOP3.LUT P0, RZ, R4, 0x1, RZ, 0xc0, !PT ;
+        /*0030*/              @P0 FADD R6, R6, R5 ;
+        /*0040*/                   NOP ;
+        /*0050*/              @!P6 BRA `(.L_x_0) ;
+        /*0060*/                   EXIT ;
+.L_x_1:
+        /*0070*/                   BRA `(.L_x_1);
+"""
+
+
+def test_gemv_loop_is_the_innermost_loop_with_global_loads():
+    """The GEMV's K loop (not the trailing self-branch), counted per weight code of a step."""
+    loop = instruction_count.load_loop(_GEMV_LISTING)
+    assert (loop.mma, loop.other) == (0, 4)
+    assert loop.opcodes == {"LDG": 1, "LOP3": 1, "FADD": 1, "BRA": 1}
+    assert instruction_count.main_loop(_GEMV_LISTING) is None
+    assert instruction_count.load_loop(_LISTING) is None  # its loops hold MMAs or no global load
+    row = instruction_count.GemvRow("sm_90", "packed W1", "1x64x32/4w/3s", bits=1, codes_per_step=4096,
+                                    num_warps=4, loop=loop)
+    # 4 instructions x 32 threads x 4 warps for 4096 codes; 8 codes per byte of 1-bit weights.
+    assert row.per_code == 0.125
+    assert row.per_byte == 1.0
+    assert instruction_count.GemvRow("sm_90", "", "", 2, 1, 4).per_code != instruction_count.GemvRow(
+        "sm_90", "", "", 2, 1, 4).per_code  # NaN without a loop
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_gemv_count_command():
+    """The command prints the GEMV table for the packed M = 1 launches: a finite count per code and per byte."""
+    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    completed = subprocess.run(
+        [sys.executable, "-m", "triton_bq.kernels.instruction_count", "--only", r"^_packed_gemv.* M=1 bits=1 "],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )
+    assert completed.returncode == 0, completed.stdout[-6000:] + completed.stderr[-3000:]
+    rows = [line.split() for line in completed.stdout.splitlines() if line.startswith("gemv ")]
+    assert len(rows) == 2, completed.stdout  # bf16 and int8 x
+    for cells in rows:
+        per_code, per_byte = float(cells[7]), float(cells[8])
+        assert 0 < per_code < 100 and per_byte == pytest.approx(per_code * 8, abs=0.1), cells
