@@ -176,7 +176,8 @@ def _spill_prone(kernel: str, option: triton.Config, operands: LinearOperands, t
     weight codes live besides the accumulator (the IEEE fp32 forward with both operands fused is clean with 4 warps
     there, and 8 warps spilled on sm_89); the fused grad_w on sm_120 (mma.sync, the
     accumulator in registers, and a ptxas that caps the registers of big 8-warp tiles) keeps the q^T tile, grad_y
-    and the accumulator live at once."""
+    and the accumulator live at once; and two float32 cases where ptxas-blackwell's allocator stopped short of the
+    registers the tile needed (sm_120)."""
     meta = option.kwargs
     threads = 32 * option.num_warps
     if kernel == "bwd_x" and operands.partials:
@@ -188,8 +189,18 @@ def _spill_prone(kernel: str, option: triton.Config, operands: LinearOperands, t
     if kernel == "fwd" and operands.act_fused and operands.dot_bytes == 2 and target.capability < 90:
         return meta["BLOCK_K"] * (meta["BLOCK_M"] + meta["BLOCK_N"]) // threads > 24
     if kernel == "bwd_w" and operands.act_fused and target.capability >= 120:
+        if operands.dot_bytes == 4:
+            # IEEE float32 grad_w: ptxas-blackwell held the 8-warp 32x64x64 tile at 80 registers and spilled 8 B
+            # with per-token activations and the clipped STE; 4 warps took 107 registers, clean (full grid).
+            return option.num_warps > 4
         block_m, block_n, block_k = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
         return (block_k * block_m + block_m * block_n + block_k * block_n) // threads > 64
+    if (kernel == "fwd" and operands.dot_bytes == 4 and operands.weight_fused and not operands.act_fused
+            and target.capability >= 120):
+        # float32 forward making the weight codes in the loop from streamed activation codes: 3 stages of the
+        # 64x64x32 / 4-warp tile spilled 24 B at 128 registers on sm_120 (TF32, TWN per row, A8 asym per token;
+        # full grid); 2 stages took 130, clean.
+        return option.num_stages > 2
     return False
 
 

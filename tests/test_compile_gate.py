@@ -49,6 +49,25 @@ def test_defaults_avoid_spill_prone_tiles(target):
                 assert not configs._spill_prone(kernel, options[0], operands, target), (kernel, target, operands)
 
 
+def _default(kernel, target, operands):
+    option = configs.linear(kernel, configs.TARGETS[target], operands)[0]
+    meta = option.kwargs
+    return f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{option.num_warps}w/{option.num_stages}s"
+
+
+def test_sm120_float32_defaults_avoid_the_allocator_spills():
+    """The two float32 defaults the full grid found spilling on sm_120 (ptxas-blackwell) move; others stay."""
+    fused_act = configs.LinearOperands(4, 4, 4, act_fused=True, partials=False)
+    fused_weight = configs.LinearOperands(4, 4, 4, act_fused=False, partials=False, weight_fused=True)
+    streamed = configs.LinearOperands(4, 4, 4, act_fused=False, partials=False, weight_fused=False)
+    assert _default("bwd_w", "sm_120", fused_act) == "32x64x64/4w/3s"
+    assert _default("fwd", "sm_120", fused_weight) == "64x64x32/4w/2s"
+    assert _default("fwd", "sm_120", streamed) == "64x64x32/4w/3s"
+    for target in ("sm_80", "sm_89", "sm_90"):
+        assert _default("bwd_w", target, fused_act) == "32x64x64/8w/3s"
+        assert _default("fwd", target, fused_weight) == "64x64x32/4w/3s"
+
+
 def test_ptxas_log_parsing():
     """The gate's register and spill figures come from ptxas -v; a spilling and a clean log (ptxas 13 wording)."""
     result = compile_gate.Result("sm_120", "kernel", "", "", True)
