@@ -127,7 +127,8 @@ _LINEAR = {
 # IEEE float32 dots run on FMA; with 4 warps ptxas spills the grad GEMMs on sm_80 / sm_89 and a 32-wide grad-x
 # reduction step spills on sm_90 (compile gate), so their defaults take 8 warps and grad-x steps by 16.
 _LINEAR_FP32 = {
-    "fwd": (_gemm(64, 64, 32, 4, 3), _gemm(128, 64, 32, 4, 3), _gemm(64, 64, 32, 4, 2), _gemm(64, 64, 32, 8, 2)),
+    "fwd": (_gemm(64, 64, 32, 4, 3), _gemm(128, 64, 32, 4, 3), _gemm(64, 64, 32, 4, 2), _gemm(64, 64, 32, 8, 3),
+            _gemm(64, 64, 32, 8, 2)),
     "bwd_x": (_gemm(64, 16, 64, 8, 3), _gemm(64, 32, 64, 4, 3), _gemm(128, 32, 64, 4, 3), _gemm(64, 32, 64, 8, 2),
               _gemm(64, 32, 64, 4, 2)),
     "bwd_w": (_gemm(32, 64, 64, 8, 3), _gemm(32, 64, 64, 4, 3), _gemm(32, 128, 64, 4, 3), _gemm(32, 64, 64, 4, 2)),
@@ -144,6 +145,7 @@ class LinearOperands:
     act_fused: bool  # activation codes computed from x in the main loop
     partials: bool  # grad_x also reduces clip / LSQ-step partial sums in its epilogue
     weight_fused: bool = True  # weight codes computed from the latent weight in the main loop (else streamed)
+    tf32: bool = False  # float32 dots on TF32 tensor cores (else IEEE on FMA units); only with dot_bytes 4
 
 
 def linear_shared_bound(kernel: str, option: triton.Config, operands: LinearOperands) -> int:
@@ -184,8 +186,15 @@ def _spill_prone(kernel: str, option: triton.Config, operands: LinearOperands, t
         return meta["BLOCK_K"] * meta["BLOCK_M"] // threads > 16
     if kernel == "fwd" and operands.dot_bytes == 4 and operands.act_fused and not operands.weight_fused:
         # IEEE float32 (FMA) forward quantizing x in the loop beside streamed weight codes: 4 warps spilled
-        # 0.5-4.4 KB on sm_80 / 89 / 90 (compile gate), with 2 or 3 stages.
+        # 0.5-4.4 KB on sm_80 / 89 / 90 (compile gate), with 2 or 3 stages; 8 warps with 2 stages spilled 8 B
+        # on sm_89 (float weights, A8 asym; full grid), with 3 stages none.
         return option.num_warps < 8
+    if (kernel == "fwd" and operands.tf32 and operands.act_fused and operands.weight_fused
+            and 80 <= target.capability < 90):
+        # TF32 forward quantizing both operands in the loop on sm_8x: 64x64x32 with 4 warps spilled 4-8 B in 5
+        # of 28 specializations on sm_89 (full grid, every config), 8 warps with 2 stages in 2, 128x64x32 in 1
+        # (per token); 8 warps with 3 stages in none. (The IEEE ones are clean with the 4-warp default.)
+        return (meta["BLOCK_M"], meta["BLOCK_N"], option.num_warps, option.num_stages) != (64, 64, 8, 3)
     if kernel == "fwd" and operands.act_fused and operands.dot_bytes == 2 and target.capability < 90:
         return meta["BLOCK_K"] * (meta["BLOCK_M"] + meta["BLOCK_N"]) // threads > 24
     if kernel == "bwd_w" and operands.act_fused and target.capability >= 120:

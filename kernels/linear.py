@@ -478,6 +478,7 @@ def _configs(kernel: str, spec: _Spec, x: torch.Tensor, weight: torch.Tensor, pa
         x_bytes=x.element_size(), weight_bytes=weight.element_size(), dot_bytes=dot_bytes,
         act_fused=kernel != "bwd_x" and fused, partials=partials,
         weight_fused=kernel != "bwd_w" and spec.weight_mode != 0 and not spec.weight_codes,
+        tf32=dot_bytes == 4 and spec.precision == "tf32",
     )
     return configs.linear(kernel, configs.target_of(x.device), operands)
 
