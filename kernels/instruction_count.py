@@ -249,6 +249,24 @@ def _count_job(index: int) -> Row:
     return row
 
 
+def _check_target(target: str) -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("the instruction count needs TRITON_INTERPRET unset (the interpreter replaces compilation)")
+    if target not in compile_gate._target_names():
+        raise ValueError(f"unknown target {target!r}; choose from {compile_gate._target_names()}")
+
+
+@functools.cache
+def _grid_jobs(target: str, only: str | None) -> tuple:
+    """The compile gate's jobs of the CI grid on ``target`` (default configs), recorded once for the GEMM and the
+    GEMV counts."""
+    return tuple(compile_gate.collect([target], False, False, only))
+
+
+# The GEMV jobs, filled in the parent before the pool forks its workers.
+_GEMV_JOBS: list = []
+
+
 @dataclass
 class GemvRow:
     """The packed GEMV's K loop on one specialization: thread instructions per weight code it unpacks."""
@@ -293,17 +311,10 @@ def _count_gemv(index: int) -> GemvRow:
     return row
 
 
-_GEMV_JOBS: list = []
-
-
 def run_gemv(target: str = "sm_90", only: str | None = None, workers: int | None = None) -> list[GemvRow]:
     """Compile and count the packed GEMV specializations of the CI grid on ``target`` (default configs)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("the instruction count needs TRITON_INTERPRET unset (the interpreter replaces compilation)")
-    if target not in compile_gate._target_names():
-        raise ValueError(f"unknown target {target!r}; choose from {compile_gate._target_names()}")
-    _GEMV_JOBS[:] = [job for job in compile_gate.collect([target], False, False, only)
-                     if job.launch.kernel.__name__ == "_packed_gemv_kernel"]
+    _check_target(target)
+    _GEMV_JOBS[:] = [job for job in _grid_jobs(target, only) if job.launch.kernel.__name__ == "_packed_gemv_kernel"]
     if not _GEMV_JOBS:
         return []
     with ProcessPoolExecutor(workers or os.cpu_count() or 1, mp_context=multiprocessing.get_context("fork")) as pool:
@@ -337,7 +348,7 @@ def collect(target: str = "sm_90", only: str | None = None) -> list:
     """(job, baseline key) per GEMM specialization of the CI grid on ``target``, default configs only. IEEE float32
     dots (the ``fp32`` compute setup) run on FMA units, without MMA instructions: not counted."""
     jobs = []
-    for job in compile_gate.collect([target], False, False, only):
+    for job in _grid_jobs(target, only):
         name = job.launch.kernel.__name__
         if name not in _OPERANDS and name != "_packed_gemm_kernel":
             continue
@@ -356,10 +367,7 @@ def collect(target: str = "sm_90", only: str | None = None) -> list:
 
 def run(target: str = "sm_90", only: str | None = None, workers: int | None = None) -> list[Row]:
     """Compile and count every GEMM specialization (parallel workers); rows in the grid's order."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("the instruction count needs TRITON_INTERPRET unset (the interpreter replaces compilation)")
-    if target not in compile_gate._target_names():
-        raise ValueError(f"unknown target {target!r}; choose from {compile_gate._target_names()}")
+    _check_target(target)
     _JOBS[:] = collect(target, only)
     keys = sorted({key for _, key in _JOBS if key is not None})
     # fork: the workers inherit the recorded launches (tensors and JIT functions) without pickling them.

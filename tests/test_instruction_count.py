@@ -4,6 +4,7 @@ The SASS parsing is checked on hand-written listings; the real count compiles a 
 sm_90 in a subprocess without ``TRITON_INTERPRET`` and checks the lean-loop target on the default paths.
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -57,18 +58,22 @@ def test_rows_know_the_default_paths():
     assert not on("packed dtype=bfloat16 M=16 bits=1 parts=1")
 
 
+def _run_count(*args: str) -> subprocess.CompletedProcess:
+    """``python -m triton_bq.kernels.instruction_count ARGS`` compiled for real (no interpreter, a fresh cache)."""
+    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return subprocess.run([sys.executable, "-m", "triton_bq.kernels.instruction_count", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_default_paths_meet_the_lean_loop_target_on_sm90():
     """Forward, grad-x and grad-w of BWN and TWN under bf16 autocast, weight-only and A8: at most 1.3x the non-MMA
     instructions per HGMMA of the plain bf16 dot with the same tile."""
-    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    completed = subprocess.run(
-        [sys.executable, "-m", "triton_bq.kernels.instruction_count", "--max-ratio", "1.3",
-         "--only", r"_quant_linear_.*compute=bf16-autocast .*act=(none|sym8|asym8) path=codes wpath=codes"],
-        cwd=ROOT, env=env, capture_output=True, text=True,
-    )
+    completed = _run_count(
+        "--max-ratio", "1.3",
+        "--only", r"_quant_linear_.*compute=bf16-autocast .*act=(none|sym8|asym8) path=codes wpath=codes")
     assert completed.returncode == 0, completed.stdout[-6000:] + completed.stderr[-3000:]
     rows = [line for line in completed.stdout.splitlines() if "HGMMA" in line]
     assert {line.split()[0] for line in rows} == {"fwd", "bwd_x", "bwd_w"}, completed.stdout
@@ -100,20 +105,14 @@ def test_gemv_loop_is_the_innermost_loop_with_global_loads():
     # 4 instructions x 32 threads x 4 warps for 4096 codes; 8 codes per byte of 1-bit weights.
     assert row.per_code == 0.125
     assert row.per_byte == 1.0
-    assert instruction_count.GemvRow("sm_90", "", "", 2, 1, 4).per_code != instruction_count.GemvRow(
-        "sm_90", "", "", 2, 1, 4).per_code  # NaN without a loop
+    assert math.isnan(instruction_count.GemvRow("sm_90", "", "", 2, 1, 4).per_code)  # no loop counted
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_gemv_count_command():
     """The command prints the GEMV table for the packed M = 1 launches: a finite count per code and per byte."""
-    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    completed = subprocess.run(
-        [sys.executable, "-m", "triton_bq.kernels.instruction_count", "--only", r"^_packed_gemv.* M=1 bits=1 "],
-        cwd=ROOT, env=env, capture_output=True, text=True,
-    )
+    completed = _run_count("--only", r"^_packed_gemv.* M=1 bits=1 ")
     assert completed.returncode == 0, completed.stdout[-6000:] + completed.stderr[-3000:]
     rows = [line.split() for line in completed.stdout.splitlines() if line.startswith("gemv ")]
     assert len(rows) == 2, completed.stdout  # bf16 and int8 x
