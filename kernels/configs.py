@@ -146,6 +146,9 @@ class LinearOperands:
     partials: bool  # grad_x also reduces clip / LSQ-step partial sums in its epilogue
     weight_fused: bool = True  # weight codes computed from the latent weight in the main loop (else streamed)
     tf32: bool = False  # float32 dots on TF32 tensor cores (else IEEE on FMA units); only with dot_bytes 4
+    # The forward loop also sums the weight codes per output feature (asymmetric activations with the weight codes
+    # made in the loop, or an unquantized weight): the zero-point term of the epilogue.
+    code_sum: bool = False
 
 
 def linear_shared_bound(kernel: str, option: triton.Config, operands: LinearOperands) -> int:
@@ -178,8 +181,9 @@ def _spill_prone(kernel: str, option: triton.Config, operands: LinearOperands, t
     weight codes live besides the accumulator (the IEEE fp32 forward with both operands fused is clean with 4 warps
     there, and 8 warps spilled on sm_89); the fused grad_w on sm_120 (mma.sync, the
     accumulator in registers, and a ptxas that caps the registers of big 8-warp tiles) keeps the q^T tile, grad_y
-    and the accumulator live at once; and two float32 cases where ptxas-blackwell's allocator stopped short of the
-    registers the tile needed (sm_120)."""
+    and the accumulator live at once; the forwards that also sum the weight codes for an asymmetric activation's
+    zero point (sm_90 with float32 x, sm_100, and one float32 case on sm_80); and float32 cases where
+    ptxas-blackwell's allocator stopped short of the registers the tile needed (sm_100, sm_120)."""
     meta = option.kwargs
     threads = 32 * option.num_warps
     if kernel == "bwd_x" and operands.partials:
@@ -195,13 +199,33 @@ def _spill_prone(kernel: str, option: triton.Config, operands: LinearOperands, t
         # of 28 specializations on sm_89 (full grid, every config), 8 warps with 2 stages in 2, 128x64x32 in 1
         # (per token); 8 warps with 3 stages in none. (The IEEE ones are clean with the 4-warp default.)
         return (meta["BLOCK_M"], meta["BLOCK_N"], option.num_warps, option.num_stages) != (64, 64, 8, 3)
+    if kernel == "fwd" and operands.code_sum:
+        if (operands.dot_bytes == 2 and 90 <= target.capability < 120
+                and (target.capability >= 100 or (operands.act_fused and operands.x_bytes == 4))):
+            # The zero-point code sum beside a 64-deep K step at 128x128 / 8 warps: at 255 registers on sm_90 with
+            # float32 x quantized in the loop (24-68 B with per-token scales), and on sm_100 in 26 of 135
+            # asymmetric forwards (ptxas-blackwell; 25 per token); 128x128x32 / 8 warps / 3 stages spilled in
+            # none of them on either target (full grid, every config).
+            return meta["BLOCK_K"] > 32
+        if operands.tf32 and 100 <= target.capability < 120:
+            # TF32 on sm_100: ptxas-blackwell held 64x64x32 / 4 warps at 80-96 registers and spilled 16-36 B in
+            # 6 of 30 asymmetric forwards; 8 warps spilled in none (full grid, every config).
+            return option.num_warps < 8
+        if (target.capability == 80 and operands.dot_bytes == 4 and not operands.tf32 and operands.weight_fused
+                and not operands.act_fused):
+            # IEEE float32 forward making the weight codes in the loop beside streamed asymmetric activation
+            # codes: 3 stages of 64x64x32 / 4 warps spilled 48 B at 128 registers on sm_80 (BWN per row, A8
+            # asym per token); 2 stages spilled in none of 30 asymmetric float32 forwards (full grid, every
+            # config). sm_86 / sm_89 compiled the 3-stage default clean.
+            return option.num_stages > 2
     if kernel == "fwd" and operands.act_fused and operands.dot_bytes == 2 and target.capability < 90:
         return meta["BLOCK_K"] * (meta["BLOCK_M"] + meta["BLOCK_N"]) // threads > 24
+    if kernel == "bwd_w" and operands.act_fused and operands.dot_bytes == 4 and target.capability >= 100:
+        # IEEE float32 grad_w: ptxas-blackwell held the 8-warp 32x64x64 tile at 80 registers and spilled 4-8 B
+        # with per-token activations and the clipped STE (sm_100, sm_120); 4 warps took 107 registers on sm_120,
+        # clean (full grid).
+        return option.num_warps > 4
     if kernel == "bwd_w" and operands.act_fused and target.capability >= 120:
-        if operands.dot_bytes == 4:
-            # IEEE float32 grad_w: ptxas-blackwell held the 8-warp 32x64x64 tile at 80 registers and spilled 8 B
-            # with per-token activations and the clipped STE; 4 warps took 107 registers, clean (full grid).
-            return option.num_warps > 4
         block_m, block_n, block_k = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
         return (block_k * block_m + block_m * block_n + block_k * block_n) // threads > 64
     if (kernel == "fwd" and operands.dot_bytes == 4 and operands.weight_fused and not operands.act_fused

@@ -479,6 +479,7 @@ def _configs(kernel: str, spec: _Spec, x: torch.Tensor, weight: torch.Tensor, pa
         act_fused=kernel != "bwd_x" and fused, partials=partials,
         weight_fused=kernel != "bwd_w" and spec.weight_mode != 0 and not spec.weight_codes,
         tf32=dot_bytes == 4 and spec.precision == "tf32",
+        code_sum=kernel == "fwd" and spec.act in (_ASYM, _ASYM_LSQ) and not _streams_weight_codes(spec),
     )
     return configs.linear(kernel, configs.target_of(x.device), operands)
 

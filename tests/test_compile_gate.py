@@ -6,6 +6,7 @@ cache) in a subprocess without ``TRITON_INTERPRET``; it fails on a compile error
 per-block limit or a register spill. The rest checks the config choice itself, cheaply, in this process.
 """
 
+import itertools
 import os
 import re
 import subprocess
@@ -19,12 +20,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _operand_mixes():
-    for x_bytes in (2, 4):
-        for weight_bytes in (2, 4):
-            for dot_bytes in (2, 4):
-                for act_fused in (False, True):
-                    for partials in (False, True):
-                        yield configs.LinearOperands(x_bytes, weight_bytes, dot_bytes, act_fused, partials)
+    for x_bytes, weight_bytes, dot_bytes in itertools.product((2, 4), (2, 4), (2, 4)):
+        for act_fused, partials, weight_fused, code_sum in itertools.product((False, True), repeat=4):
+            for tf32 in (False, True) if dot_bytes == 4 else (False,):
+                yield configs.LinearOperands(x_bytes, weight_bytes, dot_bytes, act_fused, partials, weight_fused,
+                                             tf32, code_sum)
 
 
 @pytest.mark.parametrize("target", list(configs.TARGETS.values()), ids=list(configs.TARGETS))
@@ -55,17 +55,56 @@ def _default(kernel, target, operands):
     return f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}/{option.num_warps}w/{option.num_stages}s"
 
 
-def test_sm120_float32_defaults_avoid_the_allocator_spills():
-    """The two float32 defaults the full grid found spilling on sm_120 (ptxas-blackwell) move; others stay."""
+def test_blackwell_float32_defaults_avoid_the_allocator_spills():
+    """The float32 defaults the full grid found spilling on sm_120 and sm_100 (ptxas-blackwell) move; others
+    stay."""
     fused_act = configs.LinearOperands(4, 4, 4, act_fused=True, partials=False)
     fused_weight = configs.LinearOperands(4, 4, 4, act_fused=False, partials=False, weight_fused=True)
     streamed = configs.LinearOperands(4, 4, 4, act_fused=False, partials=False, weight_fused=False)
     assert _default("bwd_w", "sm_120", fused_act) == "32x64x64/4w/3s"
+    assert _default("bwd_w", "sm_100", fused_act) == "32x64x64/4w/3s"
     assert _default("fwd", "sm_120", fused_weight) == "64x64x32/4w/2s"
     assert _default("fwd", "sm_120", streamed) == "64x64x32/4w/3s"
     for target in ("sm_80", "sm_89", "sm_90"):
         assert _default("bwd_w", target, fused_act) == "32x64x64/8w/3s"
         assert _default("fwd", target, fused_weight) == "64x64x32/4w/3s"
+
+
+def test_asymmetric_forwards_avoid_the_code_sum_spills():
+    """The forwards that sum the weight codes in the loop (asymmetric activations) and spilled in the full grid
+    take a 32-deep K step (sm_100; sm_90 with float32 x quantized in the loop), 8 warps (TF32 on sm_100) or 2
+    stages (IEEE float32 beside streamed activation codes on sm_80); the same forwards without the code sum keep
+    their tiles."""
+    for code_sum, expected in ((True, "128x128x32/8w/3s"), (False, "128x128x64/8w/3s")):
+        fused = configs.LinearOperands(2, 4, 2, act_fused=True, partials=False, code_sum=code_sum)
+        codes = configs.LinearOperands(2, 4, 2, act_fused=False, partials=False, code_sum=code_sum)
+        fp32_x = configs.LinearOperands(4, 4, 2, act_fused=True, partials=False, code_sum=code_sum)
+        tf32 = configs.LinearOperands(4, 4, 4, act_fused=False, partials=False, tf32=True, code_sum=code_sum)
+        assert _default("fwd", "sm_100", fused) == expected
+        assert _default("fwd", "sm_100", codes) == expected
+        assert _default("fwd", "sm_90", fp32_x) == expected
+        assert _default("fwd", "sm_90", fused) == "128x128x64/8w/3s"
+        assert _default("fwd", "sm_100", tf32) == ("64x64x32/8w/3s" if code_sum else "64x64x32/4w/3s")
+        ieee = configs.LinearOperands(4, 4, 4, act_fused=False, partials=False, code_sum=code_sum)
+        assert _default("fwd", "sm_80", ieee) == ("64x64x32/4w/2s" if code_sum else "64x64x32/4w/3s")
+        assert _default("fwd", "sm_89", ieee) == "64x64x32/4w/3s"
+
+
+def test_launcher_flags_the_code_sum_of_asymmetric_forwards():
+    """The launcher sets ``code_sum`` exactly when the forward sums the weight codes in its loop: asymmetric
+    activations with the weight codes made in the loop (not streamed, not symmetric)."""
+    def forward_default(setup):
+        pattern = re.compile(rf"^_quant_linear_fwd_kernel linear compute=bf16 {setup} ")
+        launches = [launch for launch in compile_gate.record("sm_100", True, pattern)
+                    if launch.kernel.__name__ == "_quant_linear_fwd_kernel" and pattern.search(
+                        f"{launch.kernel.__name__} {launch.setup}")]
+        assert launches, setup
+        return {launch.configs[0].kwargs["BLOCK_K"] for launch in launches}
+
+    assert forward_default("weight_method=twn granularity=row act=asym8tok path=fused wpath=fused") == {32}
+    assert forward_default("weight_method=bwn granularity=tensor act=asymlsq4 path=codes wpath=fused") == {32}
+    assert forward_default("weight_method=twn granularity=row act=asym8tok path=fused wpath=codes") == {64}
+    assert forward_default("weight_method=twn granularity=row act=sym8tok path=fused wpath=fused") == {64}
 
 
 def test_ptxas_log_parsing():
