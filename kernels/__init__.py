@@ -14,9 +14,10 @@ import os as _os
 import sys as _sys
 
 if __name__ == "kernels":
-    _here = _os.path.dirname(_os.path.abspath(__file__))
+    _here = _os.path.dirname(_os.path.realpath(__file__))
     _checkout = _os.path.dirname(_here)
-    _path = [entry for entry in _sys.path if _os.path.abspath(entry or _os.getcwd()) != _checkout]
+    # Every spelling of the checkout on the path ("", a relative or a symlinked one) is left out.
+    _path = [entry for entry in _sys.path if _os.path.realpath(entry or _os.getcwd()) != _checkout]
     _spec = _machinery.PathFinder.find_spec("kernels", _path)
     if _spec is None:
         _spec = _machinery.ModuleSpec("kernels", None, is_package=True)
