@@ -7,16 +7,12 @@ per-block limit or a register spill. The rest checks the config choice itself, c
 """
 
 import itertools
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
+from compiled import run_command
 from triton_bq.kernels import compile_gate, configs, linear
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _operand_mixes():
@@ -180,11 +176,6 @@ def test_recording_target_is_scoped():
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_default_configs_compile_fit_and_do_not_spill():
-    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    completed = subprocess.run(
-        [sys.executable, "-m", "triton_bq.kernels.compile_gate", "--targets", "sm_80,sm_89,sm_90"],
-        cwd=ROOT, env=env, capture_output=True, text=True,
-    )
+    completed = run_command("compile_gate", "--targets", "sm_80,sm_89,sm_90")
     assert completed.returncode == 0, completed.stdout[-6000:] + completed.stderr[-3000:]
     assert "0 default configs fail" in completed.stdout

@@ -5,15 +5,11 @@ sm_90 in a subprocess without ``TRITON_INTERPRET`` and checks the lean-loop targ
 """
 
 import math
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from compiled import run_command
 from triton_bq.kernels import instruction_count
-
-ROOT = Path(__file__).resolve().parents[1]
 
 _LISTING = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
@@ -60,10 +56,7 @@ def test_rows_know_the_default_paths():
 
 def _run_count(*args: str) -> subprocess.CompletedProcess:
     """``python -m triton_bq.kernels.instruction_count ARGS`` compiled for real (no interpreter, a fresh cache)."""
-    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    return subprocess.run([sys.executable, "-m", "triton_bq.kernels.instruction_count", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
+    return run_command("instruction_count", *args)
 
 
 @pytest.mark.slow
