@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import socket
 
 import pytest
 import torch
@@ -104,9 +102,9 @@ def _wrapped_error(backend, options, wrapper, expected, x, target, rank) -> floa
     return _compare(torch.cat(gathered), grads, expected[0], expected[1])
 
 
-def _worker(rank, port, path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank, store, path):
+    # A file store, not a TCP port picked here and bound later by rank 0: no other test's process can take it.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     x, target = _global_batch()
     results = {}
     try:
@@ -131,16 +129,11 @@ def _worker(rank, port, path):
             json.dump(results, file)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def distributed_errors(tmp_path_factory):
-    path = tmp_path_factory.mktemp("distributed") / "errors.json"
-    mp.spawn(_worker, args=(_free_port(), str(path)), nprocs=WORLD, join=True)
+    folder = tmp_path_factory.mktemp("distributed")
+    path = folder / "errors.json"
+    mp.spawn(_worker, args=(str(folder / "store"), str(path)), nprocs=WORLD, join=True)
     return json.loads(path.read_text())
 
 
