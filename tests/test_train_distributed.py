@@ -24,6 +24,7 @@ Tolerances (float32 sums in another order): losses of every step within ``*_LOSS
 near the decision boundary may flip). The measured differences are beside the tolerances.
 """
 
+import contextlib
 import csv
 import json
 import os
@@ -96,10 +97,15 @@ def tiny(tmp_path_factory):
     return {"model": str(model_dir), "train": str(files["train"]), "dev": str(files["dev"])}
 
 
-def free_port():
+@contextlib.contextmanager
+def reserved_port():
+    """A free port, held for the launch: bound with ``SO_REUSEADDR`` and not listening, so no other process gets
+    it from the kernel (a released port could go to any test's socket before torchrun binds it), while torchrun's
+    store (``SO_REUSEADDR`` too) still binds it, and ``accelerate launch``'s check (a connect) sees it free."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        yield sock.getsockname()[1]
 
 
 def run(tiny, output_dir, processes, *extra):
@@ -112,15 +118,16 @@ def run(tiny, output_dir, processes, *extra):
         "--learning_rate", "5e-3", "--ternary_learning_rate", "1e-3", "--num_train_epochs", "2",
         "--logging_steps", "1", "--evals_per_epoch", "2", "--cpu", *extra,
     ]
-    launcher = [sys.executable]
-    if processes > 1:
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                    str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                    "--main_process_port", str(free_port())]
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    result = subprocess.run([*launcher, str(SCRIPT), *argv], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
+    with reserved_port() as port:
+        launcher = [sys.executable]
+        if processes > 1:
+            launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                        str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "--main_process_port", str(port)]
+        result = subprocess.run([*launcher, str(SCRIPT), *argv], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     outcome = {}
     for stage in STAGES:
