@@ -5,7 +5,9 @@ active, so they pick exactly the configs they would pick on that target and hand
 instead of running it. Each distinct specialization (kernel, argument types and alignment, constexprs, config) is
 then bound with Triton's own JIT binder for the target's backend and compiled with ``triton.compile`` (bundled
 ptxas; fresh cache directory, so ptxas really runs) in parallel worker processes. A specialization fails on a
-compile error, shared memory above the target's per-block opt-in limit, or register spills.
+compile error, shared memory above the target's per-block opt-in limit, or register spills. Specializations of one
+target and config that compile to the same TTIR fail too: a launcher passed a value its kernel does not read, which
+costs a GPU run one JIT compile (and autotuning) more for the same code.
 
     python -m triton_bq.kernels.compile_gate                 # defaults, sm_80 / sm_89 / sm_90 (the CI gate)
     python -m triton_bq.kernels.compile_gate --all           # every autotune config, every target, full grid
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import io
 import itertools
 import math
@@ -87,6 +90,7 @@ class Result:
     spill_loads: int = 0
     mma: str = ""
     error: str = ""
+    code: str = ""  # SHA-1 of the TTIR (the code after Triton's front end; equal code, equal everything after)
     seconds: float = 0.0
     # Seconds per compiler stage (Triton's compilation listener: "make_ir", "ttir", ..., "cubin" = ptxas).
     stages: dict = field(default_factory=dict)
@@ -327,6 +331,7 @@ def _compile_job(index: int) -> Result:
         result.shared = compiled.metadata.shared
         _read_ptxas_log(log.getvalue(), result)
         result.mma = _mma_kind(compiled.asm.get("ttgir", ""))
+        result.code = hashlib.sha1(compiled.asm["ttir"].encode()).hexdigest()
     except Exception as error:  # a compile error is a result of the gate, reported with the message
         result.error = _error_text(error)
     finally:
@@ -413,6 +418,16 @@ def failures(results) -> list:
             if (reason := result.failure(configs.TARGETS[result.target].shared_memory))]
 
 
+def duplicates(results) -> list:
+    """Groups of two or more results of one target, kernel and config whose TTIR is the same."""
+
+    groups = {}
+    for result in results:
+        if result.code:
+            groups.setdefault((result.target, result.kernel, result.config, result.code), []).append(result)
+    return [group for group in groups.values() if len(group) > 1]
+
+
 def print_table(results, out=sys.stdout, detail: bool = False) -> None:
     """Per target and kernel: specializations, configs, worst shared memory, worst registers, spills, MMA kinds."""
 
@@ -489,9 +504,16 @@ def main(argv=None) -> int:
     for result, reason in failed:
         print(f"{'FAIL' if result.default else 'note'} {result.target} {result.kernel} {result.config}: {reason} "
               f"{result.error} [{result.specialization}] <- {result.setups[0]}")
+    repeated = duplicates(results)
+    for group in repeated:
+        first = group[0]
+        print(f"FAIL {first.target} {first.kernel} {first.config}: {len(group)} specializations compile to the same "
+              f"TTIR (a launcher passes a value the kernel does not read): "
+              + "; ".join(f"[{result.specialization}] <- {result.setups[0]}" for result in group))
     print(f"{len(results)} compiles in {time.time() - started:.0f} s; {len(failed_defaults)} default configs fail, "
-          f"{len(failed) - len(failed_defaults)} other autotune configs do not fit or spill (pruned or skipped)")
-    return 1 if failed_defaults else 0
+          f"{len(failed) - len(failed_defaults)} other autotune configs do not fit or spill (pruned or skipped); "
+          f"{sum(len(group) - 1 for group in repeated)} specializations repeat another's code")
+    return 1 if failed_defaults or repeated else 0
 
 
 if __name__ == "__main__":

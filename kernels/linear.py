@@ -550,9 +550,32 @@ def _streams_weight_codes(spec: _Spec) -> bool:
     return spec.weight_codes and spec.weight_mode != 0
 
 
+def _act_constexprs(spec: _Spec, kernel: str, x_codes: bool = False) -> dict:
+    """The activation constexprs of one GEMM, with the values it does not read made canonical, so launches that
+    compile to the same code share one specialization (one JIT compile, one autotuning). On streamed codes
+    (``x_codes``) the forward and grad_w only scale: sym / LSQ and asym / asym_lsq look alike and the bounds go
+    unread. grad_x tests the clip range for sym and asym alike, reads the bounds only for LSQ / asym_lsq and the
+    per-token zero points only for asym_lsq."""
+    act, per_row, bounds = spec.act, spec.act_per_row, (spec.qmin, spec.qmax)
+    if kernel == "bwd_x":
+        if act == _ASYM:
+            act = _SYM
+        per_row = per_row and act == _ASYM_LSQ
+        if act not in (_LSQ, _ASYM_LSQ):
+            bounds = (0, 0)
+        return dict(ACT=act, ACT_PER_ROW=per_row, QMIN=bounds[0], QMAX=bounds[1])
+    if act == _NONE:
+        per_row, x_codes, bounds = False, False, (0, 0)
+    elif x_codes:
+        act = _ASYM if act in (_ASYM, _ASYM_LSQ) else _SYM
+        bounds = (0, 0)
+    return dict(ACT=act, ACT_PER_ROW=per_row, X_CODES=x_codes, QMIN=bounds[0], QMAX=bounds[1])
+
+
 def _weight_constexprs(spec: _Spec, w_codes: bool) -> dict:
     """The weight constexprs of the forward / grad_x GEMM. Streamed codes look the same for BWN and TWN (one
-    specialization: the method and the threshold only matter to the codes pass)."""
+    specialization: the method and the threshold only matter to the codes pass, so the GEMM gets no threshold
+    pointer either)."""
     if w_codes:
         return dict(W_MODE=1, W_CODES=True, ALPHA_PER_ROW=spec.alpha_per_row, DELTA_PER_ROW=False)
     return dict(W_MODE=spec.weight_mode, W_CODES=False, ALPHA_PER_ROW=spec.alpha_per_row,
@@ -571,7 +594,9 @@ def _forward(x, weight, bias, alpha, delta, params, spec: _Spec) -> torch.Tensor
     code_dtype = torch.int8 if spec.int8 else None
     operand = _act_code_buffer(x, params, spec, dtype=code_dtype) if x_codes else x
     w_codes = _streams_weight_codes(spec)
-    w_operand = _weight_code_buffer(weight, alpha, delta, spec, False, dtype=code_dtype) if w_codes else weight
+    w_operand = weight
+    if w_codes:
+        w_operand, delta = _weight_code_buffer(weight, alpha, delta, spec, False, dtype=code_dtype), None
     code_sum = None
     if w_codes and spec.act in (_ASYM, _ASYM_LSQ):
         code_sum = w_operand.sum(dim=1, dtype=torch.float32)  # integers below 2**24: exact in any order
@@ -585,8 +610,7 @@ def _forward(x, weight, bias, alpha, delta, params, spec: _Spec) -> torch.Tensor
         operand.stride(0), operand.stride(1), w_operand.stride(0), w_operand.stride(1), y.stride(0), y.stride(1),
     )
     constexprs = dict(
-        **_weight_constexprs(spec, w_codes),
-        ACT=spec.act, ACT_PER_ROW=spec.act_per_row, X_CODES=x_codes, QMIN=spec.qmin, QMAX=spec.qmax,
+        **_weight_constexprs(spec, w_codes), **_act_constexprs(spec, "fwd", x_codes),
         HAS_BIAS=bias is not None,
         PRECISION=spec.precision, INT8=spec.int8,
     )
@@ -602,7 +626,7 @@ def _backward_x(grad_y, weight, x, alpha, delta, params, spec: _Spec, store_grad
     n = weight.shape[0]
     w_codes = _streams_weight_codes(spec)
     if w_codes:
-        weight = _weight_code_buffer(weight, alpha, delta, spec, spec.alpha_per_row)
+        weight, delta = _weight_code_buffer(weight, alpha, delta, spec, spec.alpha_per_row), None
     grad_x = new_output((m, k), grad_dtype, x.device) if store_grad_x else None
     num_slot_m, num_slot_k = triton.cdiv(m, _SLOT_M), triton.cdiv(k, _SLOT_K)
     partial = new_output((num_slot_m, num_slot_k, 2), torch.float32, x.device) if partials else None
@@ -617,9 +641,8 @@ def _backward_x(grad_y, weight, x, alpha, delta, params, spec: _Spec, store_grad
         target.stride(0), target.stride(1),
     )
     constexprs = dict(
-        **_weight_constexprs(spec, w_codes),
-        ACT=spec.act, ACT_PER_ROW=spec.act_per_row, QMIN=spec.qmin, QMAX=spec.qmax, STORE_GRAD_X=store_grad_x,
-        PARTIALS=partials,
+        **_weight_constexprs(spec, w_codes), **_act_constexprs(spec, "bwd_x"),
+        STORE_GRAD_X=store_grad_x, PARTIALS=partials,
         PRECISION=spec.precision, SLOT_M=_SLOT_M, SLOT_K=_SLOT_K,
     )
     options = _configs("bwd_x", spec, x, weight, partials)
@@ -634,6 +657,12 @@ def _backward_w(grad_y, x, weight, params, grad_sum, spec: _Spec) -> torch.Tenso
     # Per-token step and zero vary along grad_w's reduction: the pass writes x_hat itself and the GEMM is plain.
     x_hat = x_codes and spec.act_per_row
     operand = _act_code_buffer(x, params, spec, dequant=x_hat) if x_codes else x
+    act = _act_constexprs(spec._replace(act=_NONE) if x_hat else spec, "bwd_w", x_codes)
+    # Only the pointers the GEMM reads (the others get grad_y): the same code, whatever was computed beside it.
+    if act["ACT"] == _NONE:
+        params = None
+    if act["ACT"] not in (_ASYM, _ASYM_LSQ) or act["ACT_PER_ROW"]:
+        grad_sum = None
     grad_w = new_output((n, k), weight.dtype, weight.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]),)
     args = (
@@ -643,11 +672,7 @@ def _backward_w(grad_y, x, weight, params, grad_sum, spec: _Spec) -> torch.Tenso
         grad_y.stride(0), grad_y.stride(1), operand.stride(0), operand.stride(1),
         weight.stride(0), weight.stride(1), grad_w.stride(0), grad_w.stride(1),
     )
-    constexprs = dict(
-        ACT=_NONE if x_hat else spec.act, ACT_PER_ROW=spec.act_per_row and not x_hat, X_CODES=x_codes and not x_hat,
-        QMIN=spec.qmin, QMAX=spec.qmax, CLIPPED=spec.clipped,
-        PRECISION=spec.precision,
-    )
+    constexprs = dict(**act, CLIPPED=spec.clipped, PRECISION=spec.precision)
     launch(_quant_linear_bwd_w_kernel, grid, _configs("bwd_w", spec, operand, weight), args, constexprs, _AUTOTUNE_KEY)
     return grad_w
 

@@ -103,6 +103,60 @@ def test_launcher_flags_the_code_sum_of_asymmetric_forwards():
     assert forward_default("weight_method=twn granularity=row act=sym8tok path=fused wpath=fused") == {64}
 
 
+def _specializations(pattern: str) -> dict:
+    """{(kernel, setup fields): what a GPU run specializes the launch on} for the full-grid setups on sm_90 that
+    ``pattern`` matches: the constexprs, the tensor arguments' dtypes and the default config."""
+    recorded = {}
+    for launch in compile_gate.record("sm_90", True, re.compile(pattern)):
+        fields = frozenset(launch.setup.split()[1:])
+        dtypes = tuple(str(arg.dtype) if isinstance(arg, torch.Tensor) else None for arg in launch.args)
+        key = (tuple(sorted(launch.constexprs.items())), dtypes, tuple(sorted(launch.configs[0].all_kwargs().items())))
+        recorded.setdefault((launch.kernel.__name__, fields), set()).add(key)
+    return recorded
+
+
+def test_launches_that_compile_alike_share_one_specialization():
+    """Values a GEMM does not read are made canonical by its launcher, so the launches differ only where the code
+    does (one JIT compile and one autotuning each on a GPU); the gate fails on any two specializations of the same
+    TTIR."""
+    recorded = _specializations(r"^_quant_linear_\w+ linear compute=bf16-autocast .*granularity=tensor "
+                                r".*fdot=float ste=identity")
+
+    def spec(kernel, **fields):
+        setup = dict(compute="bf16-autocast", weight_method="bwn", granularity="tensor", act="sym8", path="codes",
+                     wpath="codes", fdot="float", ste="identity")
+        setup.update(fields)
+        return recorded[(f"_quant_linear_{kernel}_kernel", frozenset(f"{k}={v}" for k, v in setup.items()))]
+
+    for one, other in (("sym8", "lsq4"), ("asym8", "asymlsq4")):
+        # On streamed activation codes the forward and grad_w only scale them: sym / LSQ and asym / asym_lsq alike.
+        for kernel in ("fwd", "bwd_w"):
+            assert spec(kernel, act=one) == spec(kernel, act=other)
+            assert spec(kernel, act=one, path="fused") != spec(kernel, act=other, path="fused")
+        assert spec("fwd", act=one, wpath="fused") == spec("fwd", act=other, wpath="fused")
+    assert spec("fwd", act="sym8") != spec("fwd", act="asym8")  # the zero point's sum_k c term
+    # grad_x tests the clip range of sym and asym alike; LSQ and asym_lsq test different ranges.
+    for path in ("codes", "fused"):
+        assert spec("bwd_x", act="sym8", path=path) == spec("bwd_x", act="asym8", path=path)
+        assert spec("bwd_x", act="lsq4", path=path) != spec("bwd_x", act="asymlsq4", path=path)
+    # Per-token asym codes reach grad_w dequantized: a plain GEMM, as without activation quantization.
+    assert spec("bwd_w", act="asym8tok") == spec("bwd_w", act="none")
+    # Streamed weight codes look alike for BWN and TWN (no threshold pointer); codes made in the loop do not.
+    for kernel in ("fwd", "bwd_x"):
+        assert spec(kernel, act="none", weight_method="twn") == spec(kernel, act="none")
+        assert spec(kernel, act="none", weight_method="twn", wpath="fused") != spec(kernel, act="none", wpath="fused")
+
+
+def test_duplicates_groups_one_target_kernel_and_config():
+    def result(target="sm_90", config="64x64x32/4w/3s", code="a", specialization="s"):
+        return compile_gate.Result(target, "kernel", specialization, config, True, code=code)
+
+    same = [result(specialization="x"), result(specialization="y")]
+    others = [result(target="sm_80"), result(config="32x32x32/4w/3s"), result(code="b"), result(code="")]
+    assert compile_gate.duplicates(same + others) == [same]
+    assert compile_gate.duplicates(others + [result(code="")]) == []
+
+
 def test_ptxas_log_parsing():
     """The gate's register and spill figures come from ptxas -v; a spilling and a clean log (ptxas 13 wording)."""
     result = compile_gate.Result("sm_120", "kernel", "", "", True)
@@ -179,3 +233,4 @@ def test_default_configs_compile_fit_and_do_not_spill():
     completed = run_command("compile_gate", "--targets", "sm_80,sm_89,sm_90")
     assert completed.returncode == 0, completed.stdout[-6000:] + completed.stderr[-3000:]
     assert "0 default configs fail" in completed.stdout
+    assert "0 specializations repeat another's code" in completed.stdout
