@@ -6,8 +6,9 @@ instead of running it. Each distinct specialization (kernel, argument types and 
 then bound with Triton's own JIT binder for the target's backend and compiled with ``triton.compile`` (bundled
 ptxas; fresh cache directory, so ptxas really runs) in parallel worker processes. A specialization fails on a
 compile error, shared memory above the target's per-block opt-in limit, or register spills. Specializations of one
-target and config that compile to the same TTIR fail too: a launcher passed a value its kernel does not read, which
-costs a GPU run one JIT compile (and autotuning) more for the same code.
+target and config that compile to the same PTX code fail too: a launcher passed a value its kernel does not read
+(an unused constexpr, the dtype of an unused pointer), which costs a GPU run one JIT compile (and autotuning) more
+for the same machine code.
 
     python -m triton_bq.kernels.compile_gate                 # defaults, sm_80 / sm_89 / sm_90 (the CI gate)
     python -m triton_bq.kernels.compile_gate --all           # every autotune config, every target, full grid
@@ -90,7 +91,7 @@ class Result:
     spill_loads: int = 0
     mma: str = ""
     error: str = ""
-    code: str = ""  # SHA-1 of the TTIR (the code after Triton's front end; equal code, equal everything after)
+    code: str = ""  # SHA-1 of the PTX code (``_ptx_code``): the same for two specializations, the same cubin
     seconds: float = 0.0
     # Seconds per compiler stage (Triton's compilation listener: "make_ir", "ttir", ..., "cubin" = ptxas).
     stages: dict = field(default_factory=dict)
@@ -304,6 +305,19 @@ def _mma_kind(ttgir: str) -> str:
     return ""
 
 
+def _ptx_code(ptx: str) -> str:
+    """The PTX that ptxas turns into machine code: without comments, source locations and the debug sections
+    (which name source lines, so code reached through different lines would look different)."""
+    code = []
+    for line in ptx.splitlines():
+        text = line.split("//", 1)[0].strip()
+        if text.startswith(".section") and ".debug" in text:
+            break
+        if text and not text.startswith((".loc", ".file")):
+            code.append(text)
+    return "\n".join(code)
+
+
 def _error_text(error: Exception) -> str:
     message = str(error).strip()
     return f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"
@@ -331,7 +345,7 @@ def _compile_job(index: int) -> Result:
         result.shared = compiled.metadata.shared
         _read_ptxas_log(log.getvalue(), result)
         result.mma = _mma_kind(compiled.asm.get("ttgir", ""))
-        result.code = hashlib.sha1(compiled.asm["ttir"].encode()).hexdigest()
+        result.code = hashlib.sha1(_ptx_code(compiled.asm["ptx"]).encode()).hexdigest()
     except Exception as error:  # a compile error is a result of the gate, reported with the message
         result.error = _error_text(error)
     finally:
@@ -419,7 +433,7 @@ def failures(results) -> list:
 
 
 def duplicates(results) -> list:
-    """Groups of two or more results of one target, kernel and config whose TTIR is the same."""
+    """Groups of two or more results of one target, kernel and config whose PTX code is the same."""
 
     groups = {}
     for result in results:
@@ -508,7 +522,7 @@ def main(argv=None) -> int:
     for group in repeated:
         first = group[0]
         print(f"FAIL {first.target} {first.kernel} {first.config}: {len(group)} specializations compile to the same "
-              f"TTIR (a launcher passes a value the kernel does not read): "
+              f"PTX (a launcher passes a value the kernel does not read): "
               + "; ".join(f"[{result.specialization}] <- {result.setups[0]}" for result in group))
     print(f"{len(results)} compiles in {time.time() - started:.0f} s; {len(failed_defaults)} default configs fail, "
           f"{len(failed) - len(failed_defaults)} other autotune configs do not fit or spill (pruned or skipped); "
