@@ -578,6 +578,8 @@ def _weight_constexprs(spec: _Spec, w_codes: bool) -> dict:
     pointer either)."""
     if w_codes:
         return dict(W_MODE=1, W_CODES=True, ALPHA_PER_ROW=spec.alpha_per_row, DELTA_PER_ROW=False)
+    if spec.weight_mode == 0:
+        return dict(W_MODE=0, W_CODES=False, ALPHA_PER_ROW=False, DELTA_PER_ROW=False)
     return dict(W_MODE=spec.weight_mode, W_CODES=False, ALPHA_PER_ROW=spec.alpha_per_row,
                 DELTA_PER_ROW=spec.delta_per_row)
 
@@ -612,7 +614,8 @@ def _forward(x, weight, bias, alpha, delta, params, spec: _Spec) -> torch.Tensor
     constexprs = dict(
         **_weight_constexprs(spec, w_codes), **_act_constexprs(spec, "fwd", x_codes),
         HAS_BIAS=bias is not None,
-        PRECISION=spec.precision, INT8=spec.int8,
+        # The integer dot has no float precision to choose.
+        PRECISION="ieee" if spec.int8 else spec.precision, INT8=spec.int8,
     )
     options = _configs("fwd", spec, operand, w_operand)
     launch(_quant_linear_fwd_kernel, grid, options, args, constexprs, _AUTOTUNE_KEY)
@@ -625,8 +628,12 @@ def _backward_x(grad_y, weight, x, alpha, delta, params, spec: _Spec, store_grad
     m, k = x.shape
     n = weight.shape[0]
     w_codes = _streams_weight_codes(spec)
+    weights = _weight_constexprs(spec, w_codes)
     if w_codes:
         weight, delta = _weight_code_buffer(weight, alpha, delta, spec, spec.alpha_per_row), None
+        if spec.alpha_per_row:
+            # The pass folds alpha[n] into the codes: the GEMM is a plain one, as without weight quantization.
+            weights, alpha = _weight_constexprs(spec._replace(weight_mode=0), False), None
     grad_x = new_output((m, k), grad_dtype, x.device) if store_grad_x else None
     num_slot_m, num_slot_k = triton.cdiv(m, _SLOT_M), triton.cdiv(k, _SLOT_K)
     partial = new_output((num_slot_m, num_slot_k, 2), torch.float32, x.device) if partials else None
@@ -641,7 +648,7 @@ def _backward_x(grad_y, weight, x, alpha, delta, params, spec: _Spec, store_grad
         target.stride(0), target.stride(1),
     )
     constexprs = dict(
-        **_weight_constexprs(spec, w_codes), **_act_constexprs(spec, "bwd_x"),
+        **weights, **_act_constexprs(spec, "bwd_x"),
         STORE_GRAD_X=store_grad_x, PARTIALS=partials,
         PRECISION=spec.precision, SLOT_M=_SLOT_M, SLOT_K=_SLOT_K,
     )

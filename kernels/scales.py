@@ -326,6 +326,8 @@ def act_params(
     """
     check_choice("act_granularity", granularity, ACT_GRANULARITIES)
     qmin, qmax = reference.act_qrange(method, bits, signed)
+    # The kernels divide by qmax for sym / asym only (LSQ and asym_lsq learn the step): one specialization else.
+    read_qmax = qmax if method in ("sym", "asym") else 0
     if method == "lsq":
         if step is None or step.numel() != 1:
             raise ValueError(f"act_method='lsq' needs a one-element act_step, got {step!r}")
@@ -334,7 +336,7 @@ def act_params(
         # No partials to reduce: the smallest block.
         launch(
             _act_params_kernel, (1,), (configs.config(4, 3, BLOCK=2),), (step, 0, step, 1, step, params),
-            dict(METHOD=ACT_CODES[method], QMAX=qmax),
+            dict(METHOD=ACT_CODES[method], QMAX=read_qmax),
         )
         return params, qmin, qmax
     step_operand = None
@@ -357,7 +359,7 @@ def act_params(
         launch(
             _act_row_params_kernel, (max(triton.cdiv(m, options[0].kwargs["BLOCK_M"]), 1),), options,
             (x, clip, step_operand, params, m, k, x.stride(0), x.stride(1), clip.stride(0)),
-            dict(METHOD=ACT_CODES[method], QMAX=qmax, OFFSET=ROW_PARAMS_OFFSET),
+            dict(METHOD=ACT_CODES[method], QMAX=read_qmax, OFFSET=ROW_PARAMS_OFFSET),
         )
         return params, qmin, qmax
     params = new_output((4,), torch.float32, x.device)
@@ -373,6 +375,6 @@ def act_params(
     launch(
         _act_params_kernel, (1,), _configs("final", x.device),
         (partials, num_partials, clip, clip.stride(0), step_operand, params),
-        dict(METHOD=ACT_CODES[method], QMAX=qmax),
+        dict(METHOD=ACT_CODES[method], QMAX=read_qmax),
     )
     return params, qmin, qmax

@@ -147,6 +147,28 @@ def test_launches_that_compile_alike_share_one_specialization():
         assert spec(kernel, act="none", weight_method="twn", wpath="fused") != spec(kernel, act="none", wpath="fused")
 
 
+def test_launches_that_compile_alike_share_one_specialization_off_the_usual_setups():
+    """The same off the CI grid: the int8 forward has no float precision, grad_x on row-scaled streamed codes is
+    the plain GEMM of a layer without weight quantization, and the scale pass reads qmax for sym / asym only."""
+    recorded = _specializations(r"^_(quant_linear_\w+|act_params) linear compute=(fp32|fp32-tf32|bf16) "
+                                r"weight_method=(bwn|None) .*act=(sym8|lsq4|lsq4u) path=\w+ wpath=codes fdot=int8 "
+                                r"ste=identity")
+
+    def spec(kernel, **fields):
+        setup = dict(compute="fp32", weight_method="bwn", granularity="tensor", act="sym8", path="codes",
+                     wpath="codes", fdot="int8", ste="identity")
+        setup.update(fields)
+        name = "_act_params_kernel" if kernel == "act_params" else f"_quant_linear_{kernel}_kernel"
+        return recorded[(name, frozenset(f"{k}={v}" for k, v in setup.items()))]
+
+    assert spec("fwd") == spec("fwd", compute="fp32-tf32")
+    assert spec("bwd_x", compute="bf16", granularity="row", path="fused") == spec(
+        "bwd_x", compute="bf16", weight_method="None", path="fused")
+    assert spec("bwd_x", compute="bf16", path="fused") != spec("bwd_x", compute="bf16", weight_method="None",
+                                                               path="fused")
+    assert spec("act_params", act="lsq4", path="fused") == spec("act_params", act="lsq4u", path="fused")
+
+
 def test_duplicates_groups_one_target_kernel_and_config():
     def result(target="sm_90", config="64x64x32/4w/3s", code="a", specialization="s"):
         return compile_gate.Result(target, "kernel", specialization, config, True, code=code)
