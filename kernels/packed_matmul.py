@@ -155,6 +155,39 @@ def _unpack_tile(words, BITS: tl.constexpr, DTYPE: tl.constexpr, BLOCK_N: tl.con
     return tl.reshape(codes, [BLOCK_N, BLOCK_K])
 
 
+# The ternary GEMV's float decode (see _packed_gemv_kernel): fields 0 .. _LOW_FIELDS - 1 of a word sit in float32's
+# 23 mantissa bits as they are, the rest after a shift by _LOW_BITS.
+_LOW_FIELDS: tl.constexpr = tl.constexpr(11)
+_LOW_BITS: tl.constexpr = tl.constexpr(22)
+_ODD_BITS: tl.constexpr = tl.constexpr(_i32(0xAAAAAAAA))
+_MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # the bits of 2^23, whose unit in the last place is 1
+_MAGIC_VALUE: tl.constexpr = tl.constexpr(1 << 23)
+_FIELD_MASK: tl.constexpr = tl.constexpr(3)
+_ONE: tl.constexpr = tl.constexpr(1)
+
+
+@triton.jit
+def _offset_fields(words):
+    """2-bit ternary fields (bit 0: +1, bit 1: -1, both: 0) -> fields c + 1 in {0, 1, 2}, on whole words.
+
+    c + 1 has bit 1 where bit 0 is set and bit 1 is not, and bit 0 where the two bits are equal.
+    """
+    high = (words << 1) & ~words & _ODD_BITS
+    low = ~(words ^ (words >> 1)) & 0x55555555
+    return high | low
+
+
+@triton.jit
+def _field_code(magic_fields, SHIFT: tl.constexpr):
+    """c * 2^SHIFT as float32 for the offset field c + 1 at bits SHIFT, SHIFT + 1 (SHIFT <= 20) of the word.
+
+    ``magic_fields`` holds the offset fields ORed with the bits of 2^23: masked to that float's bits and the
+    field's, it reads as 2^23 + (c + 1) * 2^SHIFT; subtracting 2^23 + 2^SHIFT leaves c * 2^SHIFT exactly.
+    """
+    value = (magic_fields & (_MAGIC | (_FIELD_MASK << SHIFT))).to(tl.float32, bitcast=True)
+    return value - (_MAGIC_VALUE + (_ONE << SHIFT))
+
+
 @triton.jit
 def _epilogue(
     y0, y1, offs_m, offs_n, M, N,
@@ -204,7 +237,7 @@ def _packed_gemv_kernel(
     x_ptr, w_ptr, scale_ptr, x_scale_ptr, bias_ptr, out_ptr,
     M, N, K, KW, WORDS_PER_SPLIT,
     stride_xm, stride_xk, stride_wp, stride_wn, stride_sp, stride_sn, stride_xs,
-    stride_os, stride_op, stride_om, stride_on,
+    stride_os, stride_op, stride_om, stride_on, magic,
     BITS: tl.constexpr, PARTS: tl.constexpr, INT_ACC: tl.constexpr,
     HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
@@ -212,9 +245,18 @@ def _packed_gemv_kernel(
 ):
     """acc_p[m, n] = sum_k x[m, k] * c_p[n, k] over this program's words.
 
-    Binary: sum_k c x = 2 * sum_{bit set} x - sum_k x. Ternary: sum_{field bit 0} x - sum_{field bit 1} x.
-    Each term is one bit test and one predicated add per weight. int8 x accumulates in float32 (exact below
-    2^24) unless INT_ACC.
+    Binary: sum_k c x = 2 * sum_{bit set} x - sum_k x, a bit test and a predicated add per weight.
+
+    Ternary, float32 sums: whole-word operations turn each word into the offset fields c + 1 in {0, 1, 2} and OR in
+    ``magic``, the bits of 2^23. A field masked out of that word reads as the float 2^23 + (c + 1) * 2^s (s its
+    bit offset; the fields past the mantissa after one shift of the word), subtracting 2^23 + 2^s leaves c * 2^s
+    exactly, and an FMA with x * 2^-s adds c * x: a mask, a subtract and an FMA per weight. Scaling x by 2^-s is
+    exact unless |x| < 2^-106 (x * 2^-s below float32's normal range). ``magic`` is a run-time argument, not a
+    constant, so that the compiler keeps it ORed into whole words: a constant would fold into every field's mask
+    and cost a register load per weight.
+
+    Ternary, int32 sums: sum_{field bit 0} x - sum_{field bit 1} x, two bit tests and two predicated adds per
+    weight. int8 x accumulates in float32 (exact below 2^24) unless INT_ACC.
     """
     PER_WORD: tl.constexpr = 32 // BITS
     pid_n = tl.program_id(0)
@@ -242,6 +284,14 @@ def _packed_gemv_kernel(
         words0 = tl.load(w_rows + j3, mask=w_mask, other=0)  # [1, BN, BKW]
         if PARTS == 2:
             words1 = tl.load(w_rows + stride_wp + j3, mask=w_mask, other=0)
+        if BITS == 2 and not INT_ACC:
+            fields0 = _offset_fields(words0)
+            low0 = fields0 | magic
+            high0 = (fields0 >> _LOW_BITS) | magic  # the fields from _LOW_FIELDS on, at bit 0
+            if PARTS == 2:
+                fields1 = _offset_fields(words1)
+                low1 = fields1 | magic
+                high1 = (fields1 >> _LOW_BITS) | magic
         for lane in tl.static_range(PER_WORD):
             k3 = j3 * PER_WORD + lane
             # Splits cover whole steps, so only the K padding needs masking: on x, which zeroes its terms.
@@ -254,12 +304,22 @@ def _packed_gemv_kernel(
                 acc0 = tl.where(((words0 >> lane) & 1) != 0, acc0 + xv, acc0)
                 if PARTS == 2:
                     acc1 = tl.where(((words1 >> lane) & 1) != 0, acc1 + xv, acc1)
-            else:
+            elif INT_ACC:
                 acc0 = tl.where(((words0 >> (2 * lane)) & 1) != 0, acc0 + xv, acc0)
                 acc0 = tl.where(((words0 >> (2 * lane + 1)) & 1) != 0, acc0 - xv, acc0)
                 if PARTS == 2:
                     acc1 = tl.where(((words1 >> (2 * lane)) & 1) != 0, acc1 + xv, acc1)
                     acc1 = tl.where(((words1 >> (2 * lane + 1)) & 1) != 0, acc1 - xv, acc1)
+            elif lane < _LOW_FIELDS:
+                xs = xv * (0.5 ** (2 * lane))  # x * 2^-s
+                acc0 = tl.fma(_field_code(low0, 2 * lane), xs, acc0)
+                if PARTS == 2:
+                    acc1 = tl.fma(_field_code(low1, 2 * lane), xs, acc1)
+            else:
+                xs = xv * (0.5 ** (2 * lane - _LOW_BITS))
+                acc0 = tl.fma(_field_code(high0, 2 * lane - _LOW_BITS), xs, acc0)
+                if PARTS == 2:
+                    acc1 = tl.fma(_field_code(high1, 2 * lane - _LOW_BITS), xs, acc1)
     y0 = tl.sum(acc0, axis=2)  # [BM, BN]
     y1 = y0
     if PARTS == 2:
@@ -433,6 +493,10 @@ def default_config(
             return dict(kernel="gemv", BLOCK_M=block_m, SPLIT_K=1, **configs.as_plan(configs.PACKED_GEMV_INTERPRETER))
         config = dict(kernel="gemv", BLOCK_M=block_m, **configs.as_plan(configs.PACKED_GEMV[block_m]))
         config["BLOCK_N"] = max(16, config["BLOCK_N"] // parts)
+        if parts == 2 and bits == 2 and block_m == 1:
+            # Two ternary parts keep four decoded words per loaded pair: 32 words per step spilled 24-32 B on sm_80
+            # (compile gate, full grid).
+            config["BLOCK_KW"] //= 2
         words = math.ceil(K / (WORD_BITS // bits))
         # Small layers (BERT-base) offer fewer tiles x steps than SMs: shrink the tiles until they fill the GPU.
         while math.ceil(N / config["BLOCK_N"]) * math.ceil(words / config["BLOCK_KW"]) < target.num_sms:
@@ -593,7 +657,7 @@ def packed_matmul(
         even = dict(EVEN_M=M == config["BLOCK_M"], EVEN_N=N % config["BLOCK_N"] == 0,
                     EVEN_K=K == KW * per_word and KW % config["BLOCK_KW"] == 0)
         option = configs.from_plan(config, ("BLOCK_M", "BLOCK_N", "BLOCK_KW"))
-        launch(_packed_gemv_kernel, grid, (option,), common, dict(flags, **even, INT_ACC=int_acc))
+        launch(_packed_gemv_kernel, grid, (option,), (*common, _MAGIC.value), dict(flags, **even, INT_ACC=int_acc))
     else:
         dot_fp32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and INTERPRET)
         option = configs.from_plan(config, ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))

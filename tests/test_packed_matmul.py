@@ -188,6 +188,36 @@ def test_int8_activations_are_exact_integers(kernel, M, config, parts, bits, dev
     assert torch.equal(out, exact.float())
 
 
+@pytest.mark.parametrize("parts, bits", [(1, 1), (1, 2), (2, 1), (2, 2)], ids=["W1", "W2", "W1x2", "W2x2"])
+@pytest.mark.parametrize("kernel, M", [("gemv", 1), ("gemv", 2), ("gemm", 7)])
+def test_arbitrary_words_with_int8_activations_are_exact(kernel, M, parts, bits, device):
+    # Random words put every field value (ternary 3 decodes as 0) in every lane of a word; int8 x with unit scales
+    # makes each output an integer the kernels must hit exactly.
+    generator = torch.Generator().manual_seed(21)
+    data = torch.randint(-(2**31), 2**31 - 1, (parts, 33, packing.words_per_row(100, bits)), generator=generator,
+                         dtype=torch.int32)
+    unit = packing.PackedWeight(data, torch.ones(parts, 33), bits, 100).to(device)
+    q = torch.randint(-128, 128, (M, 100), generator=generator, dtype=torch.int8).to(device)
+    out = run(q, unit, x_scale=torch.ones((), device=device), kernel=kernel)
+    exact = sum(q.double() @ unit.codes(torch.float64)[part].T for part in range(parts))
+    assert torch.equal(out, exact.float())
+
+
+@pytest.mark.parametrize("parts, bits", [(1, 1), (1, 2), (2, 2)], ids=["W1", "W2", "W2x2"])
+def test_gemv_int32_accumulator_is_exact(parts, bits, monkeypatch, device):
+    # Past FP32_EXACT_MAX_K the gemv sums int8 x in int32 (its own decode of the ternary fields): lowered here so that
+    # a small K takes that path, on random words.
+    monkeypatch.setattr(pm, "FP32_EXACT_MAX_K", 50)
+    generator = torch.Generator().manual_seed(22)
+    data = torch.randint(-(2**31), 2**31 - 1, (parts, 33, packing.words_per_row(100, bits)), generator=generator,
+                         dtype=torch.int32)
+    unit = packing.PackedWeight(data, torch.ones(parts, 33), bits, 100).to(device)
+    q = torch.randint(-128, 128, (1, 100), generator=generator, dtype=torch.int8).to(device)
+    out = run(q, unit, x_scale=torch.ones((), device=device), kernel="gemv")
+    exact = sum(q.double() @ unit.codes(torch.float64)[part].T for part in range(parts))
+    assert torch.equal(out, exact.float())
+
+
 @pytest.mark.parametrize("kernel, M", [("gemv", 1), ("gemm", 33)])
 def test_int8_activations_with_scales_match_the_reference_epilogue(kernel, M, device):
     packed = make_packed(33, 100, 2, granularity="row", device=device)
@@ -278,6 +308,9 @@ def test_default_config_heuristics():
     assert skinny["kernel"] == "gemm" and skinny["BLOCK_M"] == 16 and skinny["BLOCK_K"] % 16 == 0
     large = pm.default_config(4096, 4096, 4096, 1, target=H100)
     assert large["BLOCK_M"] == 128 and large["SPLIT_K"] == 1
+    # Two ternary parts: half the rows and half the words per step of one part (four decoded words per pair).
+    one, two = (pm.default_config(1, 28672, 4096, 2, parts=parts, target=H100) for parts in (1, 2))
+    assert (two["BLOCK_N"], two["BLOCK_KW"]) == (one["BLOCK_N"] // 2, one["BLOCK_KW"] // 2)
     # Two parts (a split pair) stream twice the words per output: the tile halves its rows.
     assert pm.default_config(1, 4096, 14336, 1, parts=2, target=H100)["BLOCK_N"] == down["BLOCK_N"] // 2
     # The same problem on each target takes that target's table (spill-free defaults, compile gate) and SM count.
