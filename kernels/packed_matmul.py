@@ -189,6 +189,19 @@ def _field_code(magic_fields, SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _ternary_fma(low, high, x, acc, LANE: tl.constexpr):
+    """acc + c * x for the code c in field LANE of a word, from its offset fields ORed with 2^23's bits: ``low`` as
+    they are, ``high`` shifted right by _LOW_BITS (the fields from _LOW_FIELDS on)."""
+    if LANE < _LOW_FIELDS:
+        magic_fields = low
+        SHIFT: tl.constexpr = 2 * LANE
+    else:
+        magic_fields = high
+        SHIFT: tl.constexpr = 2 * LANE - _LOW_BITS
+    return tl.fma(_field_code(magic_fields, SHIFT), x * (0.5 ** SHIFT), acc)  # x * 2^-SHIFT: exact
+
+
+@triton.jit
 def _epilogue(
     y0, y1, offs_m, offs_n, M, N,
     scale_ptr, stride_sp, stride_sn, x_scale_ptr, stride_xs, bias_ptr,
@@ -310,16 +323,10 @@ def _packed_gemv_kernel(
                 if PARTS == 2:
                     acc1 = tl.where(((words1 >> (2 * lane)) & 1) != 0, acc1 + xv, acc1)
                     acc1 = tl.where(((words1 >> (2 * lane + 1)) & 1) != 0, acc1 - xv, acc1)
-            elif lane < _LOW_FIELDS:
-                xs = xv * (0.5 ** (2 * lane))  # x * 2^-s
-                acc0 = tl.fma(_field_code(low0, 2 * lane), xs, acc0)
-                if PARTS == 2:
-                    acc1 = tl.fma(_field_code(low1, 2 * lane), xs, acc1)
             else:
-                xs = xv * (0.5 ** (2 * lane - _LOW_BITS))
-                acc0 = tl.fma(_field_code(high0, 2 * lane - _LOW_BITS), xs, acc0)
+                acc0 = _ternary_fma(low0, high0, xv, acc0, lane)
                 if PARTS == 2:
-                    acc1 = tl.fma(_field_code(high1, 2 * lane - _LOW_BITS), xs, acc1)
+                    acc1 = _ternary_fma(low1, high1, xv, acc1, lane)
     y0 = tl.sum(acc0, axis=2)  # [BM, BN]
     y1 = y0
     if PARTS == 2:

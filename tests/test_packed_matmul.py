@@ -60,6 +60,16 @@ def expected_output(x, packed, bias=None, x_scale=None):
     return y if bias is None else y + bias.double()
 
 
+def random_words(shape, generator):
+    """int32 words of uniformly random bits: every field value (ternary 3 too) in every lane."""
+    return torch.randint(-(2**31), 2**31 - 1, shape, generator=generator, dtype=torch.int32)
+
+
+def exact_int8_output(q, unit):
+    """``q @ W^T`` of int8 ``q`` and unit-scale codes: integers below 2^53, exact in float64 products and sums."""
+    return sum(q.double() @ unit.codes(torch.float64)[part].T for part in range(unit.parts))
+
+
 def run(x, packed, bias=None, *, x_scale=None, out_dtype=None, kernel="auto", config=None):
     """The launcher with a NaN-poisoned output."""
     out_dtype = out_dtype or (torch.float32 if x.dtype == torch.int8 else x.dtype)
@@ -156,8 +166,7 @@ def test_split_binary_layer(kernel, M, granularity, device):
 def test_arbitrary_words_decode_like_unpack(kernel, M, bits, device):
     # Random words: every ternary field value (3 decodes as 0) and random padding bits past K.
     generator = torch.Generator().manual_seed(15)
-    data = torch.randint(-(2**31), 2**31 - 1, (1, 33, packing.words_per_row(100, bits)), generator=generator,
-                         dtype=torch.int32)
+    data = random_words((1, 33, packing.words_per_row(100, bits)), generator)
     packed = packing.PackedWeight(data, torch.rand(1, 33, generator=generator), bits, 100).to(device)
     x, _ = random_inputs(M, 33, 100, 15, device)
     assert_matches(run(x, packed, kernel=kernel), expected_output(x, packed))
@@ -183,9 +192,7 @@ def test_int8_activations_are_exact_integers(kernel, M, config, parts, bits, dev
     unit = packing.PackedWeight(packed.data, torch.ones_like(packed.scale), bits, 100)
     q = torch.randint(-128, 128, (M, 100), generator=torch.Generator().manual_seed(9), dtype=torch.int8).to(device)
     out = run(q, unit, x_scale=torch.ones((), device=device), kernel=kernel, config=config)
-    # Integers below 2^53 are exact in float64 products and sums.
-    exact = sum(q.double() @ unit.codes(torch.float64)[part].T for part in range(parts))
-    assert torch.equal(out, exact.float())
+    assert torch.equal(out, exact_int8_output(q, unit).float())
 
 
 @pytest.mark.parametrize("parts, bits", [(1, 1), (1, 2), (2, 1), (2, 2)], ids=["W1", "W2", "W1x2", "W2x2"])
@@ -194,13 +201,11 @@ def test_arbitrary_words_with_int8_activations_are_exact(kernel, M, parts, bits,
     # Random words put every field value (ternary 3 decodes as 0) in every lane of a word; int8 x with unit scales
     # makes each output an integer the kernels must hit exactly.
     generator = torch.Generator().manual_seed(21)
-    data = torch.randint(-(2**31), 2**31 - 1, (parts, 33, packing.words_per_row(100, bits)), generator=generator,
-                         dtype=torch.int32)
+    data = random_words((parts, 33, packing.words_per_row(100, bits)), generator)
     unit = packing.PackedWeight(data, torch.ones(parts, 33), bits, 100).to(device)
     q = torch.randint(-128, 128, (M, 100), generator=generator, dtype=torch.int8).to(device)
     out = run(q, unit, x_scale=torch.ones((), device=device), kernel=kernel)
-    exact = sum(q.double() @ unit.codes(torch.float64)[part].T for part in range(parts))
-    assert torch.equal(out, exact.float())
+    assert torch.equal(out, exact_int8_output(q, unit).float())
 
 
 @pytest.mark.parametrize("parts, bits", [(1, 1), (1, 2), (2, 2)], ids=["W1", "W2", "W2x2"])
@@ -209,13 +214,11 @@ def test_gemv_int32_accumulator_is_exact(parts, bits, monkeypatch, device):
     # a small K takes that path, on random words.
     monkeypatch.setattr(pm, "FP32_EXACT_MAX_K", 50)
     generator = torch.Generator().manual_seed(22)
-    data = torch.randint(-(2**31), 2**31 - 1, (parts, 33, packing.words_per_row(100, bits)), generator=generator,
-                         dtype=torch.int32)
+    data = random_words((parts, 33, packing.words_per_row(100, bits)), generator)
     unit = packing.PackedWeight(data, torch.ones(parts, 33), bits, 100).to(device)
     q = torch.randint(-128, 128, (1, 100), generator=generator, dtype=torch.int8).to(device)
     out = run(q, unit, x_scale=torch.ones((), device=device), kernel="gemv")
-    exact = sum(q.double() @ unit.codes(torch.float64)[part].T for part in range(parts))
-    assert torch.equal(out, exact.float())
+    assert torch.equal(out, exact_int8_output(q, unit).float())
 
 
 @pytest.mark.parametrize("kernel, M", [("gemv", 1), ("gemm", 33)])
@@ -394,8 +397,7 @@ def test_tile_unpack_bit_patterns_decode_like_unpack(dtype, bits):
         pytest.skip("the unpack tile is checked in the interpreter")
     generator = torch.Generator().manual_seed(16)
     block_n, block_k = 8, 64
-    words = torch.randint(-(2**31), 2**31 - 1, (block_n, block_k // (32 // bits)), generator=generator,
-                          dtype=torch.int32)
+    words = random_words((block_n, block_k // (32 // bits)), generator)
     out = torch.full((block_n, block_k), float("nan"))
     _unpack_tile_kernel[(1,)](words, out, bits, dtype, block_n, block_k)
     assert torch.equal(out, packing.unpack_codes(words, bits, block_k, torch.float32))
@@ -413,5 +415,4 @@ def test_gemm_tile_orientations_match(codes_left, parts, bits, monkeypatch, devi
     unit = packing.PackedWeight(packed.data, torch.ones_like(packed.scale), bits, 100)
     q = torch.randint(-128, 128, (33, 100), generator=torch.Generator().manual_seed(17), dtype=torch.int8).to(device)
     out = run(q, unit, x_scale=torch.ones((), device=device), kernel="gemm")
-    exact = sum(q.double() @ unit.codes(torch.float64)[part].T for part in range(parts))
-    assert torch.equal(out, exact.float())
+    assert torch.equal(out, exact_int8_output(q, unit).float())
